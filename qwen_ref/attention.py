@@ -1,0 +1,26 @@
+"""Causal grouped-query attention: the NumPy specification of the attention kernels."""
+
+import numpy as np
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(q k^T / sqrt(hd) + causal mask) v, heads grouped over shared keys (eager_attention_forward).
+
+    q: [T, H, hd], the queries of the T newest tokens; k, v: [Hkv, S, hd], the keys and values of all
+    S tokens so far, the newest T last. Query head h reads kv head h // G, as `repeat_kv` arranges,
+    without K and V being repeated in memory. Returns [T, H * hd], ready for o_proj.
+    """
+    T, H, hd = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    past = S - T  # query t sits at position past + t
+    q_grouped = q.transpose(1, 0, 2).reshape(Hkv, G * T, hd)  # [Hkv, G*T, hd]: row g*T + t
+    scores = (q_grouped @ k.transpose(0, 2, 1)) * (hd**-0.5)  # [Hkv, G*T, S]
+    scores = scores.reshape(Hkv, G, T, S)  # [Hkv, G, T, S]
+    future = np.arange(S)[None, :] > past + np.arange(T)[:, None]  # [T, S]: keys a query may not see
+    scores[..., future] = -np.inf
+    # softmax in float32, as transformers does (softmax(..., dtype=torch.float32))
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))  # [Hkv, G, T, S]
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights.reshape(Hkv, G * T, S) @ v  # [Hkv, G*T, hd]
+    return out.reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)  # [T, H*hd], head h = kv*G + g

@@ -1,0 +1,42 @@
+"""The operations the model is written against, and the backends that implement them.
+
+`numpy` is the readable specification (qwen_ref's own modules); `numba` runs the JIT kernels of the
+top-level `kernels` package. Both take and return the same shapes and dtypes, so `model.py` is
+written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwen_ref.attention import attention
+from qwen_ref.errors import QwenRefError
+from qwen_ref.linear import linear
+from qwen_ref.mlp import silu_mul
+from qwen_ref.rms_norm import rms_norm
+from qwen_ref.rope import apply_rope
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    linear: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]  # ([T,in], [out,in], [out]) -> [T,out]
+    rms_norm: Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # ([T,D], [D], eps) -> [T,D]
+    apply_rope: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,n,hd], [T,hd/2] x2) -> [T,n,hd]
+    attention: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,H,hd], [Hkv,S,hd] x2) -> [T,H*hd]
+    silu_mul: Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([T,F], [T,F]) -> [T,F]
+
+
+NUMPY = Backend("numpy", linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, silu_mul=silu_mul)
+
+BACKEND_NAMES = ("numpy",)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`."""
+    if name == "numpy":
+        return NUMPY
+    raise QwenRefError(f"unknown backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")

@@ -1,0 +1,96 @@
+"""The Qwen2ForCausalLM forward pass, written once against the operations of a backend.
+
+Each line names the intermediate after llama.cpp's Qwen2 graph (attn_norm, Qcur, Kcur, Vcur,
+kqv_out, ffn_inp, ffn_norm, ffn_out, l_out, result_norm) so the two can be compared layer by layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qwen_ref.backends import NUMPY, Backend
+from qwen_ref.config import QwenConfig, load_config
+from qwen_ref.errors import QwenRefError
+from qwen_ref.kv_cache import KVCache
+from qwen_ref.rope import rope_cos_sin, rope_inv_freq
+from qwen_ref.weights import load_weights, to_float32
+
+
+class QwenModel:
+    """Qwen2ForCausalLM: embeddings, L decoder layers, final RMSNorm, LM head."""
+
+    def __init__(self, config: QwenConfig, weights: dict[str, np.ndarray], backend: Backend = NUMPY):
+        self.config = config
+        self.weights = weights
+        self.backend = backend
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)  # [hd/2]
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = weights[head]  # [V, D]
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `capacity` tokens (default: the model's whole context)."""
+        return KVCache(self.config, capacity or self.config.max_position_embeddings)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run `tokens` after the ones already in `cache`; return logits [T, V] ([1, V] if last_only).
+
+        Row t of the logits is the distribution of the token that follows tokens[t].
+        """
+        cfg, W, ops = self.config, self.weights, self.backend
+        tokens = np.asarray(tokens, dtype=np.int64)  # [T]
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise QwenRefError("forward needs a non-empty 1-D sequence of token ids")
+        bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
+        if len(bad):
+            raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        cache.reserve(len(tokens))
+        past = cache.length
+        cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
+
+        x = to_float32(W["model.embed_tokens.weight"][tokens])  # [T, D]
+        for i in range(cfg.num_hidden_layers):
+            x = self._decoder_layer(i, x, cos, sin, cache, past)
+        cache.length += len(tokens)
+
+        if last_only:
+            x = x[-1:]  # [1, D]: generation needs only the next-token distribution
+        x = ops.rms_norm(x, W["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [T, D]
+        return ops.linear(x, self.lm_head, None)  # result_output [T, V]
+
+    def _decoder_layer(
+        self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int
+    ) -> np.ndarray:
+        """Qwen2DecoderLayer.forward: x + attention(norm(x)), then + mlp(norm(.))."""
+        cfg, W, ops = self.config, self.weights, self.backend
+        T, H, Hkv, hd = len(x), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        p = f"model.layers.{i}."
+
+        h = ops.rms_norm(x, W[p + "input_layernorm.weight"], cfg.rms_norm_eps)  # attn_norm [T, D]
+        q = ops.linear(h, W[p + "self_attn.q_proj.weight"], W[p + "self_attn.q_proj.bias"])  # Qcur [T, H*hd]
+        k = ops.linear(h, W[p + "self_attn.k_proj.weight"], W[p + "self_attn.k_proj.bias"])  # Kcur [T, Hkv*hd]
+        v = ops.linear(h, W[p + "self_attn.v_proj.weight"], W[p + "self_attn.v_proj.bias"])  # Vcur [T, Hkv*hd]
+        q = ops.apply_rope(q.reshape(T, H, hd), cos, sin)  # [T, H, hd]
+        k = ops.apply_rope(k.reshape(T, Hkv, hd), cos, sin)  # [T, Hkv, hd]
+
+        end = past + T
+        cache.keys[i, :, past:end] = k.transpose(1, 0, 2)  # [Hkv, T, hd]
+        cache.values[i, :, past:end] = v.reshape(T, Hkv, hd).transpose(1, 0, 2)  # [Hkv, T, hd]
+        attn = ops.attention(q, cache.keys[i, :, :end], cache.values[i, :, :end])  # kqv_out [T, H*hd]
+        x = x + ops.linear(attn, W[p + "self_attn.o_proj.weight"], None)  # ffn_inp [T, D]
+
+        h = ops.rms_norm(x, W[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)  # ffn_norm [T, D]
+        gate = ops.linear(h, W[p + "mlp.gate_proj.weight"], None)  # ffn_gate [T, F]
+        up = ops.linear(h, W[p + "mlp.up_proj.weight"], None)  # ffn_up [T, F]
+        ffn_out = ops.linear(ops.silu_mul(gate, up), W[p + "mlp.down_proj.weight"], None)  # ffn_out [T, D]
+        return x + ffn_out  # l_out [T, D]
+
+
+def load_model(model_dir: str | Path, backend: Backend = NUMPY) -> QwenModel:
+    """Read config.json and memory-map the safetensors weights of a checkpoint folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise QwenRefError(f"model folder {model_dir} does not exist")
+    config = load_config(model_dir)
+    return QwenModel(config, load_weights(model_dir, config), backend)

@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+from helpers import bf16_words, random_checkpoint, small_config, write_safetensors
+
+from qwen_ref.config import QwenConfig
+from qwen_ref.errors import QwenRefError
+from qwen_ref.model import load_model
+from qwen_ref.weights import load_weights, read_safetensors, to_float32
+
+
+def test_bf16_widening_is_exact_for_every_word():
+    words = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    widened = to_float32(words)
+    # bfloat16 is the high half of a float32: widening must put the word there and zero the low half
+    assert np.array_equal(widened.view(np.uint32), words.astype(np.uint32) << 16)
+
+
+def test_weights_stay_memory_mapped_in_their_stored_dtype(tmp_path):
+    random_checkpoint(tmp_path, small_config(), dtype="BF16")
+    model = load_model(tmp_path)
+    q = model.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == np.uint16 and not q.flags.writeable
+    assert isinstance(q.base, np.memmap) or isinstance(q.base.base, np.memmap)
+
+
+def test_tied_checkpoint_uses_embeddings_with_or_without_lm_head(tmp_path):
+    config = small_config(tie_word_embeddings=True)
+    random_checkpoint(tmp_path, config)
+    model = load_model(tmp_path)
+    assert model.lm_head is model.weights["model.embed_tokens.weight"]
+    embeddings = np.array(model.lm_head)  # a copy: the file is rewritten below, under the memory map
+    # a tied checkpoint that also stores lm_head.weight loads too; transformers ignores that copy
+    tensors = {n: ("F32", np.asarray(a)) for n, a in read_safetensors(tmp_path / "model.safetensors").items()}
+    tensors["lm_head.weight"] = ("F32", np.zeros((97, 32), np.float32))
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    assert np.array_equal(load_model(tmp_path).lm_head, embeddings)
+
+
+def test_sharded_checkpoint_loads_every_shard(tmp_path):
+    random_checkpoint(tmp_path, small_config())
+    tensors = read_safetensors(tmp_path / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for file, part in shards.items():
+        write_safetensors(tmp_path / file, {n: ("F32", np.asarray(tensors[n])) for n in part})
+    (tmp_path / "model.safetensors").unlink()
+    index = {"weight_map": {n: f for f, part in shards.items() for n in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = load_weights(tmp_path, QwenConfig.from_dict(small_config()))
+    assert sorted(loaded) == names and all(np.array_equal(loaded[n], tensors[n]) for n in names)
+
+
+def _rewrite(tmp_path, edit):
+    tensors = {n: ("F32", np.asarray(a)) for n, a in read_safetensors(tmp_path / "model.safetensors").items()}
+    edit(tensors)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "'model.layers.1.mlp.up_proj.weight' is missing"),
+        (lambda t: t.update({"model.layers.9.extra": ("F32", np.zeros(3))}), "unexpected tensor 'model.layers.9.extra'"),
+        (lambda t: t.update({"model.norm.weight": ("F32", np.zeros(31))}), r"'model.norm.weight' has shape \[31\]"),
+    ],
+)
+def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, edit, message):
+    random_checkpoint(tmp_path, small_config())
+    _rewrite(tmp_path, edit)
+    with pytest.raises(QwenRefError, match=message):
+        load_model(tmp_path)
+
+
+def test_truncated_file_names_file_and_tensor(tmp_path):
+    random_checkpoint(tmp_path, small_config())
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(QwenRefError, match=r"model.safetensors: truncated file: tensor '.*' ends at byte"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x05\x00", "truncated safetensors file"),
+        ((10**9).to_bytes(8, "little") + b"{}", "corrupt safetensors header"),
+        ((8).to_bytes(8, "little") + b"not json", "corrupt safetensors header"),
+        ((2).to_bytes(8, "little") + b"[]", "corrupt safetensors header"),
+    ],
+)
+def test_corrupt_headers_raise_one_clear_error(tmp_path, content, message):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(QwenRefError, match=message):
+        read_safetensors(tmp_path / "model.safetensors")
+
+
+def test_unsupported_dtype_is_refused(tmp_path):
+    header = json.dumps({"x": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(QwenRefError, match="dtype I64"):
+        read_safetensors(tmp_path / "model.safetensors")
+
+
+def test_folder_without_weights_or_with_only_bin_files(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(small_config()))
+    with pytest.raises(QwenRefError, match=r"no \*.safetensors weights$"):
+        load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(QwenRefError, match="bin checkpoints are not supported"):
+        load_model(tmp_path)
+
+
+def test_shard_index_naming_a_missing_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(small_config()))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(QwenRefError, match="names shard gone.safetensors"):
+        load_model(tmp_path)
+
+
+def test_bf16_test_writer_rounds_to_nearest_even():
+    # guards the helper every bf16 test depends on: 1 + 2^-8 is a tie and rounds to even (1.0)
+    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5], np.float32)
+    assert np.array_equal(to_float32(bf16_words(x)), np.array([1.0, 1.0, 1.0 + 2**-6, -2.5], np.float32))
