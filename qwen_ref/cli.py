@@ -1,22 +1,28 @@
-"""The `qwen-ref` command line: results on stdout, errors as one line on stderr."""
+"""The `qwen-ref` command line: results on stdout; progress, timings and one-line errors on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qwen_ref.backends import BACKEND_NAMES, get_backend
+from qwen_ref.chat import ChatSession
+from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.config import load_generation_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import generate_greedy, prefill, check_context
+from qwen_ref.generation import PREFILL_CHUNK, GenerationStats, check_context, generate, prefill
 from qwen_ref.model import QwenModel, load_model
-from qwen_ref.tokenizer import Tokenizer
+from qwen_ref.sampling import Sampler, SamplingParams
+from qwen_ref.tokenizer import TextStream, Tokenizer
 
 DEFAULT_BACKEND = "numpy"
+FROM_CHECKPOINT = "from generation_config.json, else transformers' default"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,9 +50,25 @@ def _positive_int(text: str) -> int:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
+
+
+def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's tokenizer.json")
     source.add_argument("--tokens", type=_token_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, help=f"0 is greedy decoding (default: {FROM_CHECKPOINT})")
+    parser.add_argument("--top-k", type=int, help=f"0 keeps all tokens (default: {FROM_CHECKPOINT}, 50)")
+    parser.add_argument("--top-p", type=float, help=f"(default: {FROM_CHECKPOINT}, 1.0)")
+    parser.add_argument("--min-p", type=float, help=f"(default: {FROM_CHECKPOINT}, off)")
+    parser.add_argument("--repetition-penalty", type=float, help=f"(default: {FROM_CHECKPOINT}, 1.0)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument("--system", help="system message for the chat template (default: the template's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,23 +81,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
     _add_model_args(logits)
+    _add_prompt_args(logits)
     logits.add_argument("--out", required=True, type=Path, help="output .npz (arrays: tokens [T], logits [T, V])")
 
-    generate = commands.add_parser("generate", help="continue a prompt with greedy decoding")
-    _add_model_args(generate)
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=64, help="(default: %(default)s)")
-    generate.add_argument(
-        "--temperature", type=float, default=0.0, help="only 0 (greedy) is supported for now (default: %(default)s)"
-    )
-    generate.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    _add_model_args(gen)
+    _add_prompt_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
+
+    chat = commands.add_parser("chat", help="talk with the model; /reset, /system TEXT, /exit")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
     return parser
+
+
+def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel) -> tuple[SamplingParams, tuple]:
+    """The checkpoint's decoding settings, overridden by the flags the user gave."""
+    gen = load_generation_config(model_dir, model.config)
+    base = SamplingParams.from_generation_config(gen)
+    params = SamplingParams(
+        temperature=base.temperature if args.temperature is None else args.temperature,
+        top_k=base.top_k if args.top_k is None else args.top_k,
+        top_p=base.top_p if args.top_p is None else args.top_p,
+        min_p=base.min_p if args.min_p is None else args.min_p,
+        repetition_penalty=base.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+    )
+    return params, gen.eos_token_ids
+
+
+def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
+    started = time.perf_counter()
+    model = load_model(args.model, get_backend(args.backend))
+    tokenizer = Tokenizer.from_model_dir(args.model)
+    return model, tokenizer, time.perf_counter() - started
 
 
 def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokenizer | None) -> list[int]:
     if args.tokens is not None:
+        if getattr(args, "chat", False):
+            raise QwenRefError("--chat needs --prompt text, not --tokens")
         tokens = args.tokens
     elif tokenizer is None:
         raise QwenRefError(f"{args.model}: no tokenizer.json, so --prompt cannot be used (pass --tokens)")
+    elif getattr(args, "chat", False):
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        text = ChatTemplate.from_model_dir(args.model).render(system + [{"role": "user", "content": args.prompt}])
+        tokens = tokenizer.encode(text)
     else:
         tokens = tokenizer.encode(args.prompt)
     if not tokens:
@@ -87,34 +140,108 @@ def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokeni
     return tokens
 
 
+def _progress(args: argparse.Namespace, n_tokens: int) -> tqdm:
+    """A prefill progress bar on stderr, for prompts long enough to take several forward passes."""
+    return tqdm(total=n_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False,
+                disable=args.quiet or n_tokens <= PREFILL_CHUNK)
+
+
+def _timings(stats: GenerationStats, generated: int, load_seconds: float) -> str:
+    def rate(n: int, seconds: float) -> str:
+        return f"{n / seconds:.2f} tok/s" if seconds > 0 else "-"
+
+    return (
+        f"prompt: {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens, stats.prefill_seconds)} | "
+        f"generated: {generated} tokens, {rate(stats.decode_tokens, stats.decode_seconds)} | "
+        f"load: {load_seconds:.2f} s"
+    )
+
+
 def _run_logits(args: argparse.Namespace) -> int:
-    model = load_model(args.model, get_backend(args.backend))
-    tokens = _prompt_tokens(args, model, Tokenizer.from_model_dir(args.model))
+    model, tokenizer, _ = _load(args)
+    tokens = _prompt_tokens(args, model, tokenizer)
     check_context(model, len(tokens), 0)
-    logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False)  # [T, V]
+    with _progress(args, len(tokens)) as bar:
+        logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False, on_chunk=bar.update)
     try:
         with open(args.out, "wb") as f:
             np.savez(f, tokens=np.array(tokens, dtype=np.int64), logits=logits)
     except OSError as exc:
         raise QwenRefError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    print(f"wrote logits [{len(tokens)}, {model.config.vocab_size}] to {args.out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote logits [{len(tokens)}, {model.config.vocab_size}] to {args.out}", file=sys.stderr)
     return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    if args.temperature != 0:
-        raise QwenRefError("--temperature: only 0 (greedy decoding) is supported for now")
-    model = load_model(args.model, get_backend(args.backend))
-    tokenizer = Tokenizer.from_model_dir(args.model)
+    model, tokenizer, load_seconds = _load(args)
     prompt = _prompt_tokens(args, model, tokenizer)
-    eos = load_generation_config(args.model, model.config).eos_token_ids
-    tokens = list(generate_greedy(model, prompt, args.max_new_tokens, eos))
-    text = tokenizer.decode(tokens) if tokenizer else None
+    params, eos = _sampling_params(args, args.model, model)
+    if args.stop and tokenizer is None:
+        raise QwenRefError(f"{args.model}: no tokenizer.json, so --stop strings cannot be matched")
+    stream = TextStream(tokenizer, tuple(args.stop)) if tokenizer else None
+    stats = GenerationStats()
+    tokens: list[int] = []
+    finish_reason = "length"
+    with _progress(args, len(prompt)) as bar:
+        steps = generate(model, prompt, args.max_new_tokens, eos, Sampler(params, args.seed), stats=stats,
+                         on_prefill_chunk=bar.update)
+        for token in steps:
+            tokens.append(token)
+            piece = stream.push(token) if stream else ""
+            if not args.json:
+                print(piece if stream else f"{token} ", end="", flush=True)
+            if token in eos:
+                finish_reason = "eos"
+            if stream and stream.stopped:
+                finish_reason = "stop"
+                break
+    rest = stream.finish() if stream else ""
     if args.json:
-        print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": text}, ensure_ascii=False))
+        print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": stream.text if stream else None,
+                          "finish_reason": finish_reason}, ensure_ascii=False))
     else:
-        print(text if text is not None else " ".join(map(str, tokens)))
+        print(rest, flush=True)
+    if not args.quiet:
+        print(_timings(stats, len(tokens), load_seconds), file=sys.stderr)
     return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    model, tokenizer, _ = _load(args)
+    if tokenizer is None:
+        raise QwenRefError(f"{args.model}: no tokenizer.json, which chat needs")
+    params, eos = _sampling_params(args, args.model, model)
+    session = ChatSession(model, tokenizer, ChatTemplate.from_model_dir(args.model), Sampler(params, args.seed),
+                          eos, args.max_new_tokens, system=args.system, stop_strings=tuple(args.stop))
+    interactive = sys.stdin.isatty()
+    if interactive and not args.quiet:
+        print("qwen-ref chat: /reset, /system TEXT, /exit", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.rstrip("\n")
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+            continue
+        if text.startswith("/system"):
+            session.reset(system=text[len("/system"):].strip())
+            continue
+        if not text.strip():
+            continue
+        try:
+            _, stats = session.reply(text, lambda piece: print(piece, end="", flush=True))
+        except QwenRefError as exc:  # one bad turn (too long for the context) does not end the chat
+            print(f"qwen-ref: error: {exc}", file=sys.stderr)
+            continue
+        print(flush=True)
+        if not args.quiet:
+            print(_timings(stats, stats.decode_tokens + 1, 0.0).rsplit(" | load", 1)[0], file=sys.stderr)
 
 
 def _run_selfcheck(args: argparse.Namespace) -> int:
@@ -123,13 +250,15 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
     return 0 if run_selfcheck(get_backend(args.backend)) else 1
 
 
+COMMANDS = {"selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate, "chat": _run_chat}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        run = {"selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate}[args.command]
-        return run(args)
+        return COMMANDS[args.command](args)
     except QwenRefError as exc:
         if debug:
             raise
@@ -142,7 +271,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from qwen_ref.errors import QwenRefError
 from qwen_ref.kv_cache import KVCache
 from qwen_ref.model import QwenModel
+from qwen_ref.sampling import Sampler
 
 # Prompt tokens per forward call: bounds attention scratch at O(chunk x context), not O(context^2).
 PREFILL_CHUNK = 512
 
 
-def prefill(model: QwenModel, tokens: Sequence[int], cache: KVCache, last_only: bool = True) -> np.ndarray:
-    """Run a prompt through the model in chunks; logits of every position, or [1, V] of the last."""
-    chunks = [tokens[i : i + PREFILL_CHUNK] for i in range(0, len(tokens), PREFILL_CHUNK)]
-    if last_only:
-        for chunk in chunks[:-1]:
-            model.forward(chunk, cache, last_only=True)
-        return model.forward(chunks[-1], cache, last_only=True)  # [1, V]
-    return np.concatenate([model.forward(chunk, cache) for chunk in chunks])  # [T, V]
+def prefill(
+    model: QwenModel,
+    tokens: Sequence[int],
+    cache: KVCache,
+    last_only: bool = True,
+    on_chunk: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """Run tokens through the model in chunks; logits of every position [T, V], or of the last [1, V].
+
+    `on_chunk(n)` is called after each chunk of n tokens (for a progress bar).
+    """
+    logits = []
+    for start in range(0, len(tokens), PREFILL_CHUNK):
+        chunk = tokens[start : start + PREFILL_CHUNK]
+        is_last = start + PREFILL_CHUNK >= len(tokens)
+        out = model.forward(chunk, cache, last_only=last_only)  # [len(chunk) or 1, V]
+        if not last_only or is_last:
+            logits.append(out)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return np.concatenate(logits)
 
 
 def check_context(model: QwenModel, n_prompt: int, max_new_tokens: int) -> None:
@@ -35,20 +51,51 @@ def check_context(model: QwenModel, n_prompt: int, max_new_tokens: int) -> None:
         )
 
 
-def generate_greedy(
-    model: QwenModel, prompt: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int]
-) -> Iterator[int]:
-    """Yield up to `max_new_tokens` argmax tokens; an eos id is yielded, then generation stops.
+@dataclass
+class GenerationStats:
+    """What one generate() call did, for the timings printed on stderr."""
 
-    Matches transformers' `generate(do_sample=False)`: the eos token that ends the run is part of
-    the output, and argmax ties go to the lowest id.
+    prefill_tokens: int = 0  # prompt tokens actually computed (a reused cache skips the rest)
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens generated after the first (each one a forward pass)
+    decode_seconds: float = 0.0
+
+
+def generate(
+    model: QwenModel,
+    tokens: Sequence[int],
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    sampler: Sampler,
+    cache: KVCache | None = None,
+    stats: GenerationStats | None = None,
+    on_prefill_chunk: Callable[[int], object] | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new tokens after `tokens`; an eos id is yielded, then it stops.
+
+    Matches transformers' `generate()`: the eos token that ends the run is part of the output, and
+    the sampler sees the whole history (prompt included) for its repetition penalty. `cache` may
+    already hold keys and values of a prefix of `tokens` (earlier chat turns): only the rest is computed.
     """
-    check_context(model, len(prompt), max_new_tokens)
-    cache = model.new_cache(len(prompt) + max_new_tokens)
-    logits = prefill(model, prompt, cache)  # [1, V]
+    check_context(model, len(tokens), max_new_tokens)
+    if cache is None:
+        cache = model.new_cache(len(tokens) + max_new_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    # At least the last prompt token is recomputed: its logits give the first new token.
+    cache.length = min(cache.length, len(tokens) - 1)
+    history = list(tokens)
+    stats.prefill_tokens = len(history) - cache.length
+
+    started = time.perf_counter()
+    logits = prefill(model, history[cache.length :], cache, on_chunk=on_prefill_chunk)  # [1, V]
+    stats.prefill_seconds = time.perf_counter() - started
     for step in range(max_new_tokens):
-        token = int(np.argmax(logits[-1]))
+        token = sampler(logits[-1], history)
+        history.append(token)
         yield token
         if token in eos_token_ids or step == max_new_tokens - 1:
             return
+        started = time.perf_counter()
         logits = model.forward(np.array([token]), cache, last_only=True)  # [1, V]
+        stats.decode_seconds += time.perf_counter() - started
+        stats.decode_tokens += 1

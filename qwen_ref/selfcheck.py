@@ -11,8 +11,9 @@ import numpy as np
 from qwen_ref.backends import Backend
 from qwen_ref.compare import compare_logits
 from qwen_ref.config import load_generation_config
-from qwen_ref.generation import generate_greedy
+from qwen_ref.generation import generate
 from qwen_ref.model import load_model
+from qwen_ref.sampling import GREEDY, Sampler
 
 SELFCHECK_MODEL = Path(str(files("qwen_ref") / "selfcheck_model"))
 
@@ -27,7 +28,7 @@ def run_selfcheck(backend: Backend) -> bool:
 
     eos = load_generation_config(SELFCHECK_MODEL, model.config).eos_token_ids
     expected = [int(t) for t in reference["greedy_tokens"]]
-    greedy = list(generate_greedy(model, [int(t) for t in prompt], len(expected), eos))
+    greedy = list(generate(model, [int(t) for t in prompt], len(expected), eos, Sampler(GREEDY)))
     greedy_ok = greedy == expected
 
     cfg = model.config

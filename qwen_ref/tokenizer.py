@@ -34,3 +34,58 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`; special tokens (eos, <|im_end|>) are dropped unless asked for."""
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class TextStream:
+    """Generated ids in, printable text out, piece by piece, as tokens arrive.
+
+    Byte-level BPE can split one character (a CJK ideograph, an emoji) over several tokens; until
+    the last byte arrives the decoded text ends in U+FFFD, so that tail is held back. Text that could
+    be the start of a stop string is held back too; once a stop string appears, everything from it
+    on is dropped and `stopped` is set. The pieces joined equal `text` at every moment.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.ids: list[int] = []
+        self.text = ""  # what has been handed out so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the text that is now safe to print (maybe '')."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        """The held-back rest, once generation has ended."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        decoded = self.tokenizer.decode(self.ids)
+        for stop in self.stop_strings:
+            # a stop string can only start where the previous check could not yet see it whole
+            at = decoded.find(stop, max(0, len(self.text) - len(stop) + 1))
+            if at >= 0:
+                self.stopped = True
+                decoded = decoded[:at]
+        end = len(decoded)
+        if not final and not self.stopped:
+            if decoded.endswith("\ufffd"):  # an unfinished UTF-8 sequence
+                end = len(decoded.rstrip("\ufffd"))
+            end -= self._partial_stop_length(decoded[:end])
+        piece = decoded[len(self.text) : max(end, len(self.text))]
+        self.text += piece
+        return piece
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

@@ -10,8 +10,9 @@ from helpers import FIXTURES
 from qwen_ref.backends import BACKEND_NAMES, get_backend
 from qwen_ref.compare import compare_logits
 from qwen_ref.config import load_generation_config
-from qwen_ref.generation import generate_greedy
+from qwen_ref.generation import generate
 from qwen_ref.model import load_model
+from qwen_ref.sampling import Sampler, SamplingParams
 
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
 
@@ -40,9 +41,10 @@ def test_logits_match_transformers(case, backend_name):
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers_token_for_token(case, backend_name):
     model, ref = _load(case, backend_name)
-    eos = load_generation_config(FIXTURES / case, model.config).eos_token_ids
+    gen = load_generation_config(FIXTURES / case, model.config)
+    sampler = Sampler(SamplingParams.from_generation_config(gen))  # do_sample false: greedy, as transformers
     expected = ref["greedy_tokens"].tolist()
-    generated = list(generate_greedy(model, ref["prompt_tokens"].tolist(), int(ref["max_new_tokens"]), eos))
+    generated = list(generate(model, ref["prompt_tokens"].tolist(), int(ref["max_new_tokens"]), gen.eos_token_ids, sampler))
     assert generated == expected
 
 

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from qwen_ref.backends import BACKEND_NAMES, get_backend
 from qwen_ref.compare import compare_logits
-from qwen_ref.generation import generate_greedy
+from qwen_ref.generation import generate
 from qwen_ref.model import load_model
+from qwen_ref.sampling import GREEDY, Sampler
 
 GREEDY_TOKENS = 24
 
@@ -112,7 +113,7 @@ def test_random_configs_agree_with_transformers_float32(torch_reference, tmp_pat
     # compare up to and including the first step whose top-1 is a near-tie (beyond it the runs may fork)
     near_tie = np.flatnonzero(step_margins <= 2 * report.tolerance)
     n_check = GREEDY_TOKENS if len(near_tie) == 0 else int(near_tie[0])
-    greedy = list(generate_greedy(ours, tokens.tolist(), GREEDY_TOKENS, eos_token_ids=()))
+    greedy = list(generate(ours, tokens.tolist(), GREEDY_TOKENS, (), Sampler(GREEDY)))
     assert greedy[:n_check] == expected[:n_check]
 
 
