@@ -68,7 +68,8 @@ def warp(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         scores[scores < kth] = -np.inf
     if params.top_p < 1.0:  # TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep the top one
         order = np.argsort(scores, kind="stable")  # ascending
-        tail_mass = np.cumsum(_softmax(scores[order]))
+        # float32 probabilities summed in float64 and rounded, as torch's cumsum does on CPU
+        tail_mass = np.cumsum(_softmax(scores[order]), dtype=np.float64).astype(np.float32)
         drop = tail_mass <= 1 - params.top_p
         drop[-1] = False
         scores[order[drop]] = -np.inf
@@ -87,7 +88,7 @@ def next_token_distribution(logits: np.ndarray, history: Sequence[int], params: 
         probs = np.zeros(len(scores))
         probs[np.argmax(scores)] = 1.0
         return probs
-    return _softmax(warp(scores, params).astype(np.float64))
+    return _softmax(warp(scores, params))  # float32, as torch.softmax: what underflows there is 0 here too
 
 
 class Sampler:
@@ -101,7 +102,7 @@ class Sampler:
         probs = next_token_distribution(logits, history, self.params)  # [V]
         if self.params.temperature == 0:
             return int(np.argmax(probs))
-        cdf = np.cumsum(probs)
+        cdf = np.cumsum(probs, dtype=np.float64)
         return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 

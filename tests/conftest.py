@@ -6,6 +6,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/helpers.py
 
+from helpers import FIXTURES, with_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory):
+    """The full-vocabulary fixture checkpoint with the real Qwen1.5 tokenizer beside it."""
+    return with_tokenizer(FIXTURES / "full_vocab_bf16", tmp_path_factory.mktemp("m") / "full_vocab")
+
 
 @pytest.fixture(scope="session")
 def torch_reference():
