@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from qwen_ref import compare, info, perplexity
 from qwen_ref.backends import BACKEND_NAMES, get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -22,7 +23,7 @@ from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.tokenizer import TextStream, Tokenizer
 
 DEFAULT_BACKEND = "numpy"
-FROM_CHECKPOINT = "from generation_config.json, else transformers' default"
+FROM_CHECKPOINT = "from generation_config.json, else transformers' default:"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,11 +62,14 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default: %(default)s)")
-    parser.add_argument("--temperature", type=float, help=f"0 is greedy decoding (default: {FROM_CHECKPOINT})")
-    parser.add_argument("--top-k", type=int, help=f"0 keeps all tokens (default: {FROM_CHECKPOINT}, 50)")
-    parser.add_argument("--top-p", type=float, help=f"(default: {FROM_CHECKPOINT}, 1.0)")
-    parser.add_argument("--min-p", type=float, help=f"(default: {FROM_CHECKPOINT}, off)")
-    parser.add_argument("--repetition-penalty", type=float, help=f"(default: {FROM_CHECKPOINT}, 1.0)")
+    parser.add_argument(
+        "--temperature", type=float,
+        help="0 is greedy decoding (default: 0 unless generation_config.json sets do_sample, then its temperature or 1.0)",
+    )
+    parser.add_argument("--top-k", type=int, help=f"0 keeps all tokens (default: {FROM_CHECKPOINT} 50)")
+    parser.add_argument("--top-p", type=float, help=f"(default: {FROM_CHECKPOINT} 1.0)")
+    parser.add_argument("--min-p", type=float, help=f"(default: {FROM_CHECKPOINT} off)")
+    parser.add_argument("--repetition-penalty", type=float, help=f"(default: {FROM_CHECKPOINT} 1.0)")
     parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--system", help="system message for the chat template (default: the template's own)")
@@ -94,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk with the model; /reset, /system TEXT, /exit")
     _add_model_args(chat)
     _add_sampling_args(chat)
+
+    compare.add_arguments(commands.add_parser("compare", help="judge logits B against reference logits A"))
+    perplexity.add_arguments(commands.add_parser("perplexity", help="perplexity of a text file, sliding window"))
+    info.add_arguments(commands.add_parser("info", help="architecture, parameter count and memory a checkpoint needs"))
     return parser
 
 
@@ -250,7 +258,10 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
     return 0 if run_selfcheck(get_backend(args.backend)) else 1
 
 
-COMMANDS = {"selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate, "chat": _run_chat}
+COMMANDS = {
+    "selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate, "chat": _run_chat,
+    "compare": compare.run, "perplexity": perplexity.run, "info": info.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,11 @@ def to_float32(w: np.ndarray) -> np.ndarray:
     return w.astype(np.float32, copy=False)
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file as a read-only view of a memory map."""
+def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file as a read-only view of a memory map.
+
+    `dtypes` maps the file's dtype names to NumPy dtypes; any other dtype is refused.
+    """
     size = path.stat().st_size
     if size < 8:
         raise QwenRefError(f"{path}: truncated safetensors file ({size} bytes)")
@@ -58,9 +61,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise QwenRefError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        dtype = _STORED_DTYPES.get(dtype_name)
+        dtype = dtypes.get(dtype_name)
         if dtype is None:
-            raise QwenRefError(f"{path}: tensor {name!r} has dtype {dtype_name}; only F32, F16 and BF16 are supported")
+            raise QwenRefError(f"{path}: tensor {name!r} has dtype {dtype_name}; only {', '.join(dtypes)} are supported")
         if body_start + end > size:
             raise QwenRefError(f"{path}: truncated file: tensor {name!r} ends at byte {body_start + end} of {size}")
         count = int(np.prod(shape, dtype=np.int64))
