@@ -168,7 +168,7 @@ def _timings(stats: GenerationStats, generated: int, load_seconds: float) -> str
 def _run_logits(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load(args)
     tokens = _prompt_tokens(args, model, tokenizer)
-    check_context(model, len(tokens), 0)
+    check_context(model, len(tokens), 0)  # before the progress bar starts
     with _progress(args, len(tokens)) as bar:
         logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False, on_chunk=bar.update)
     try:

@@ -28,6 +28,8 @@ def prefill(
 
     `on_chunk(n)` is called after each chunk of n tokens (for a progress bar).
     """
+    if len(tokens) == 0:
+        raise QwenRefError("the prompt is empty")
     logits = []
     for start in range(0, len(tokens), PREFILL_CHUNK):
         chunk = tokens[start : start + PREFILL_CHUNK]
@@ -38,6 +40,12 @@ def prefill(
         if on_chunk is not None:
             on_chunk(len(chunk))
     return np.concatenate(logits)
+
+
+def logits_for_tokens(model: QwenModel, tokens: Sequence[int]) -> np.ndarray:
+    """The logits [T, V] at every position of `tokens`, from an empty cache (what `qwen-ref logits` writes)."""
+    check_context(model, len(tokens), 0)
+    return prefill(model, tokens, model.new_cache(len(tokens)), last_only=False)
 
 
 def check_context(model: QwenModel, n_prompt: int, max_new_tokens: int) -> None:

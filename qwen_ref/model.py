@@ -31,7 +31,7 @@ class QwenModel:
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for `capacity` tokens (default: the model's whole context)."""
-        return KVCache(self.config, capacity or self.config.max_position_embeddings)
+        return KVCache(self.config, self.config.max_position_embeddings if capacity is None else capacity)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` after the ones already in `cache`; return logits [T, V] ([1, V] if last_only).
