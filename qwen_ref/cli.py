@@ -20,6 +20,7 @@ from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import PREFILL_CHUNK, GenerationStats, check_context, generate, prefill
 from qwen_ref.model import QwenModel, load_model
 from qwen_ref.sampling import Sampler, SamplingParams
+from qwen_ref.threads import add_threads_arg, set_threads
 from qwen_ref.tokenizer import TextStream, Tokenizer
 
 DEFAULT_BACKEND = "numpy"
@@ -52,6 +53,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
+    add_threads_arg(parser)
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     selfcheck = commands.add_parser("selfcheck", help="run the built-in tiny checkpoint against transformers' logits")
     selfcheck.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
+    add_threads_arg(selfcheck)
 
     logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
     _add_model_args(logits)
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if "threads" in args:
+            set_threads(args.threads)
         return COMMANDS[args.command](args)
     except QwenRefError as exc:
         if debug:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_ref.backends import BACKEND_NAMES, get_backend
+from qwen_ref.threads import add_threads_arg
 from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
@@ -173,6 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per window (default: {DEFAULT_CTX}, or the model's context if smaller)")
     parser.add_argument("--stride", type=_positive_int, help="tokens between window starts (default: ctx // 2)")
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
+    add_threads_arg(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
