@@ -19,6 +19,7 @@ from qwen_ref.config import load_generation_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import PREFILL_CHUNK, GenerationStats, check_context, generate, prefill
 from qwen_ref.model import QwenModel, load_model
+from qwen_ref.profile import Profile, profiled_backend
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import add_threads_arg, set_threads
 from qwen_ref.tokenizer import TextStream, Tokenizer
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
+    gen.add_argument("--profile", action="store_const", const=Profile(), help="print time per operation on stderr")
 
     chat = commands.add_parser("chat", help="talk with the model; /reset, /system TEXT, /exit")
     _add_model_args(chat)
@@ -125,6 +127,8 @@ def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel
 def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
     started = time.perf_counter()
     model = load_model(args.model, get_backend(args.backend))
+    if getattr(args, "profile", None) is not None:
+        model.backend = profiled_backend(model.backend, model.weights, model.config.tie_word_embeddings, args.profile)
     tokenizer = Tokenizer.from_model_dir(args.model)
     return model, tokenizer, time.perf_counter() - started
 
@@ -190,13 +194,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     params, eos = _sampling_params(args, args.model, model)
     if args.stop and tokenizer is None:
         raise QwenRefError(f"{args.model}: no tokenizer.json, so --stop strings cannot be matched")
+    sampler = Sampler(params, args.seed)
+    if args.profile is not None:
+        sampler = args.profile.timed("sampling", sampler)
     stream = TextStream(tokenizer, tuple(args.stop)) if tokenizer else None
     stats = GenerationStats()
     tokens: list[int] = []
     finish_reason = "length"
     with _progress(args, len(prompt)) as bar:
-        steps = generate(model, prompt, args.max_new_tokens, eos, Sampler(params, args.seed), stats=stats,
-                         on_prefill_chunk=bar.update)
+        steps = generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats, on_prefill_chunk=bar.update)
         for token in steps:
             tokens.append(token)
             piece = stream.push(token) if stream else ""
@@ -215,6 +221,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(rest, flush=True)
     if not args.quiet:
         print(_timings(stats, len(tokens), load_seconds), file=sys.stderr)
+    if args.profile is not None:
+        print(f"profile (prefill and decode together; per token of {len(prompt) + len(tokens)}):", file=sys.stderr)
+        print(args.profile.report(len(prompt) + len(tokens)), file=sys.stderr)
     return 0
 
 
@@ -287,3 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: still one line, with the way to see more
+        if debug:
+            raise
+        print(f"qwen-ref: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 3

@@ -136,3 +136,12 @@ def _tokenizer_dir():
 def test_generate_flag_errors(text_model, args, message):
     result = qwen_ref("generate", "--model", text_model, *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_profile_reports_time_per_operation_on_stderr_only(text_model):
+    result = qwen_ref("generate", "--model", text_model, "--prompt", "Hi", "--max-new-tokens", 3,
+                      "--temperature", 0, "--json", "--profile")
+    assert result.returncode == 0, result.stderr
+    json.loads(result.stdout)  # stdout stays one JSON object
+    for operation in ("matmul lm_head", "matmul q_proj", "matmul down_proj", "attention", "rms_norm", "sampling"):
+        assert operation in result.stderr
