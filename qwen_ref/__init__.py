@@ -1,7 +1,12 @@
 """qwen-ref: a NumPy/Numba CPU reference implementation of Qwen1.5 (Qwen2ForCausalLM)."""
 
 from qwen_ref.compare import LogitReport, assert_logits_close, compare_logits
-from qwen_ref.config import GenerationConfig, QwenConfig, load_config, load_generation_config
+from qwen_ref.config import (
+    GenerationConfig,
+    QwenConfig,
+    load_config,
+    load_generation_config,
+)
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import logits_for_tokens
 from qwen_ref.kv_cache import KVCache

@@ -12,19 +12,25 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_ref import compare, info, perplexity
-from qwen_ref.backends import BACKEND_NAMES, get_backend
+from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.config import load_generation_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import PREFILL_CHUNK, GenerationStats, check_context, generate, prefill
+from qwen_ref.generation import (
+    PREFILL_CHUNK,
+    GenerationStats,
+    check_context,
+    generate,
+    prefill,
+)
 from qwen_ref.model import QwenModel, load_model
+from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.profile import Profile, profiled_backend
 from qwen_ref.sampling import Sampler, SamplingParams
-from qwen_ref.threads import add_threads_arg, set_threads
+from qwen_ref.threads import set_threads
 from qwen_ref.tokenizer import TextStream, Tokenizer
 
-DEFAULT_BACKEND = "numpy"
 FROM_CHECKPOINT = "from generation_config.json, else transformers' default:"
 
 
@@ -40,21 +46,10 @@ def _token_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--tokens wants comma-separated integers, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"wants a positive integer, got {text!r}")
-    return value
-
-
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
+    add_run_options(parser)
     parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
-    add_threads_arg(parser)
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +59,7 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
     parser.add_argument(
         "--temperature", type=float,
         help="0 is greedy decoding (default: 0 unless generation_config.json sets do_sample, then its temperature or 1.0)",
@@ -84,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     selfcheck = commands.add_parser("selfcheck", help="run the built-in tiny checkpoint against transformers' logits")
-    selfcheck.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
-    add_threads_arg(selfcheck)
+    add_run_options(selfcheck)
 
     logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
     _add_model_args(logits)

@@ -15,6 +15,7 @@ import numpy as np
 
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
+from qwen_ref.options import positive_int
 from qwen_ref.weights import expected_shapes, load_weights
 
 # How weights.py holds each stored dtype (bf16 as raw uint16 words), by safetensors name.
@@ -161,16 +162,6 @@ def format_info(info: dict) -> str:
 # `qwen-ref info --model DIR`
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"wants a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qwen-ref info`."""
     parser.description = (
@@ -179,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config.json is enough (weight bytes are then estimated from its torch_dtype)."
     )
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
-    parser.add_argument("--context", type=_positive_int,
+    parser.add_argument("--context", type=positive_int,
                         help="tokens of KV cache to size (default: the model's max_position_embeddings)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

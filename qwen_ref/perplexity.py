@@ -36,16 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref.backends import BACKEND_NAMES, get_backend
-from qwen_ref.threads import add_threads_arg
+from qwen_ref.backends import get_backend
 from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
 from qwen_ref.model import QwenModel, load_model
+from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.tokenizer import Tokenizer
 
 DEFAULT_CTX = 512  # capped at the model's max_position_embeddings
-DEFAULT_BACKEND = "numba" if "numba" in BACKEND_NAMES else "numpy"
 # Scored positions per forward call: bounds the logits at [SCORE_CHUNK, V] (40 MB for Qwen's 152k vocab).
 SCORE_CHUNK = 64
 
@@ -151,16 +150,6 @@ def perplexity(
 # `qwen-ref perplexity --model DIR FILE`
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"wants a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qwen-ref perplexity`."""
     parser.description = (
@@ -170,11 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors, "
                         "tokenizer.json)")
-    parser.add_argument("--ctx", type=_positive_int,
+    parser.add_argument("--ctx", type=positive_int,
                         help=f"tokens per window (default: {DEFAULT_CTX}, or the model's context if smaller)")
-    parser.add_argument("--stride", type=_positive_int, help="tokens between window starts (default: ctx // 2)")
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
-    add_threads_arg(parser)
+    parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: ctx // 2)")
+    add_run_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

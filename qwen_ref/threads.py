@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numba
@@ -25,7 +24,3 @@ def set_threads(n: int | None = None) -> int:
     threadpool_limits(limits=n)  # BLAS (OpenBLAS in NumPy's wheels), used by the numpy backend and prefill
     return n
 
-
-def add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    """The --threads option of every command that runs the model; `cli.main` applies it."""
-    parser.add_argument("--threads", type=int, help="threads for the kernels and BLAS (default: all cores)")

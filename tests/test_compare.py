@@ -12,7 +12,12 @@ from helpers import FIXTURES, write_safetensors
 from safetensors.numpy import save_file
 
 from qwen_ref import compare
-from qwen_ref.compare import DEFAULT_RTOL, assert_logits_close, compare_logits, load_logits_file
+from qwen_ref.compare import (
+    DEFAULT_RTOL,
+    assert_logits_close,
+    compare_logits,
+    load_logits_file,
+)
 from qwen_ref.weights import read_safetensors, to_float32
 
 CASE = "mha_f32_untied"  # float32 storage: a scaled weight is written back without rounding

@@ -10,7 +10,12 @@ import pytest
 from helpers import FIXTURES, write_safetensors
 
 from qwen_ref.config import QwenConfig, load_config
-from qwen_ref.info import human_bytes, kv_cache_bytes_per_token, model_info, parameter_count
+from qwen_ref.info import (
+    human_bytes,
+    kv_cache_bytes_per_token,
+    model_info,
+    parameter_count,
+)
 from qwen_ref.weights import read_safetensors, to_float32
 
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())

@@ -119,8 +119,9 @@ def test_random_configs_agree_with_transformers_float32(torch_reference, tmp_pat
 
 def test_transformers_does_not_mistake_our_kernels_package_for_hub_kernels(torch_reference):
     # both are importable as `kernels`; transformers must see ours as "not the hub-kernels library"
-    import kernels
     from transformers.utils.import_utils import is_kernels_available
+
+    import kernels
 
     assert kernels.__file__.startswith(str(__import__("pathlib").Path(__file__).resolve().parent.parent))
     assert not is_kernels_available()
