@@ -32,11 +32,30 @@ class Backend:
 
 NUMPY = Backend("numpy", linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, silu_mul=silu_mul)
 
-BACKEND_NAMES = ("numpy",)
+BACKEND_NAMES = ("numpy", "numba")
 
 
 def get_backend(name: str) -> Backend:
     """The backend called `name`."""
     if name == "numpy":
         return NUMPY
+    if name == "numba":
+        return _numba_backend()
     raise QwenRefError(f"unknown backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")
+
+
+def _numba_backend() -> Backend:
+    """The JIT kernels of the `kernels` package, imported only when asked for, so that `import qwen_ref`
+    stays light and the numpy backend works where Numba is missing or cannot compile."""
+    try:
+        import kernels
+    except ImportError as exc:
+        raise QwenRefError(f"the numba backend is unavailable: {exc}") from None
+    return Backend(
+        "numba",
+        linear=kernels.linear,
+        rms_norm=kernels.rms_norm,
+        apply_rope=kernels.apply_rope,
+        attention=kernels.attention,
+        silu_mul=kernels.silu_mul,
+    )

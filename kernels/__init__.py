@@ -1,0 +1,21 @@
+"""Numba kernels for a transformer forward pass on the CPU: plain functions on NumPy arrays.
+
+Each public kernel has a NumPy twin in `qwen_ref` that is its specification (named in its
+docstring); tests/test_kernels.py checks that the two agree. Weights may be float32, float16, or
+bfloat16 held as raw uint16 words; activations are float32. The five operations of a model backend
+(linear, rms_norm, apply_rope, attention, silu_mul) return new arrays and never write into their
+inputs; widen_rows fills the array it is given.
+
+Every kernel is compiled with `cache=True`: the first process compiles (tens of seconds), later
+ones load machine code from `__pycache__` beside these files, or from NUMBA_CACHE_DIR. With
+NUMBA_DISABLE_JIT=1 the same code runs as plain Python, slowly, for stepping through in a debugger.
+"""
+
+from kernels.attention import attention
+from kernels.matmul import linear
+from kernels.norm import rms_norm
+from kernels.rope import apply_rope
+from kernels.swiglu import silu_mul
+from kernels.widen import widen_rows
+
+__all__ = ["apply_rope", "attention", "linear", "rms_norm", "silu_mul", "widen_rows"]

@@ -1,0 +1,195 @@
+"""Causal grouped-query attention with an online softmax, over keys and values read in place.
+
+The keys are visited in blocks of `_KEY_BLOCK`; a running maximum m, running sum l and running
+weighted sum of values acc per query head replace the [T, S] score matrix (FlashAttention's online
+softmax), so memory is O(block), not O(T x S), per thread:
+
+    m' = max(m, max_b s_b),  l' = l e^(m - m') + sum_b e^(s_b - m'),  acc' = acc e^(m - m') + sum_b e^(s_b - m') v_b
+
+and the output is acc / l. Work is split into items (query row, kv head, key range). One item
+serves all G query heads of its kv head, one after the other, while its keys stay in cache.
+When there are too few items to keep every thread busy (decode, T = 1, with few kv heads) the keys
+are also split into ranges whose partial (m, l, acc) are merged at the end (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
+_KEY_BLOCK = 64  # keys scored together: 64 scores per head, and 64 rows of K and V stay in L1
+_MIN_KEYS_PER_SPLIT = 256  # a key range shorter than this costs more to merge than it saves
+_ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many items
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(q k^T / sqrt(hd) + causal mask) v per head; NumPy twin: `qwen_ref.attention.attention`.
+
+    q: [T, H, hd] float32, the T newest tokens; k, v: [Hkv, S, hd] float32, all S tokens, the newest
+    T last (query t sits at position S - T + t). Query head h reads kv head h // (H // Hkv). k and v
+    may be strided views of a larger cache (each head's [S, hd] rows contiguous or not); they are
+    only read. Returns a new [T, H * hd] float32 array.
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)  # [T, H, hd]
+    T, H, hd = q.shape
+    Hkv, S, _ = k.shape
+    if k.shape != v.shape or k.shape[2] != hd or H % Hkv or S < T:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit together")
+    if k.dtype != np.float32 or v.dtype != np.float32:
+        raise ValueError(f"attention: k and v must be float32, not {k.dtype} and {v.dtype}")
+
+    k_flat, k_head_stride = _rows_view(k)
+    v_flat, v_head_stride = _rows_view(v)
+    n_threads = numba.get_num_threads()
+    wanted = -(-_ITEMS_PER_THREAD * n_threads // (T * Hkv))  # ceil: splits that would fill every thread
+    n_splits = max(1, min(wanted, S // _MIN_KEYS_PER_SPLIT))
+    m = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running max of scores
+    l = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running sum of e^(s - m)
+    acc = np.empty((n_splits, T, H, hd), dtype=np.float32)  # [splits, T, H, hd] running sum of e^(s - m) v
+    _attend(q, k_flat, k_head_stride, v_flat, v_head_stride, Hkv, S, m, l, acc, n_threads)
+    out = np.empty((T, H * hd), dtype=np.float32)  # [T, H*hd]
+    _merge(m, l, acc, out)
+    return out
+
+
+def _rows_view(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """A read-only 1-D view of [Hkv, S, hd] and the distance between heads, in elements.
+
+    Row s of head j is flat[j * head_stride + s * hd:][:hd]. A flat C-contiguous view lets Numba
+    compile unit-stride SIMD loops, which it cannot for a 3-D strided view of a cache.
+    """
+    Hkv, S, hd = a.shape
+    item = a.itemsize
+    rows_contiguous = a.strides[2] == item and a.strides[1] == hd * item
+    heads_apart = Hkv == 1 or (a.strides[0] % item == 0 and a.strides[0] >= S * hd * item)
+    if not (rows_contiguous and heads_apart):
+        a = np.ascontiguousarray(a)  # an unusual view: copy it rather than compile another layout
+    head_stride = a.strides[0] // item if Hkv > 1 else S * hd
+    span = (Hkv - 1) * head_stride + S * hd  # from the first element to the last, inside a's buffer
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(item,), writeable=False), head_stride
+
+
+# The hot loops below read rows through 1-D slices (keys[s], acc[split, t, h]) rather than through
+# computed flat indices: Numba cannot prove a computed index non-negative, and its negative-index
+# wraparound then keeps LLVM from emitting contiguous SIMD loads.
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _dot(a, b):
+    acc = np.float32(0.0)
+    for d in range(a.shape[0]):
+        acc += a[d] * b[d]
+    return acc
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _dot4(a, b0, b1, b2, b3):
+    """Four dot products of a with b0..b3, sharing the loads of a."""
+    c0 = c1 = c2 = c3 = np.float32(0.0)
+    for d in range(a.shape[0]):
+        c0 += a[d] * b0[d]
+        c1 += a[d] * b1[d]
+        c2 += a[d] * b2[d]
+        c3 += a[d] * b3[d]
+    return c0, c1, c2, c3
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _add_weighted4(acc, p0, v0, p1, v1, p2, v2, p3, v3):
+    """acc += p0 v0 + p1 v1 + p2 v2 + p3 v3: one load and store of acc per four value rows."""
+    for d in range(acc.shape[0]):
+        acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _add_weighted(acc, p, v):
+    for d in range(acc.shape[0]):
+        acc[d] += p * v[d]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _attend(q, k, k_head_stride, v, v_head_stride, Hkv, S, m, l, acc, n_threads):
+    """Fill the partial (m, l, acc) of every (key split, query row, head); k and v are flat."""
+    n_splits, T, H, hd = acc.shape
+    G = H // Hkv
+    past = S - T
+    split_len = -(-S // n_splits)
+    scale = np.float32(hd**-0.5)
+    n_items = T * Hkv * n_splits
+    n_parts = min(n_threads, n_items)  # given by the caller: get_num_threads() here would defeat caching
+    for part in prange(n_parts):
+        scores = np.empty(_KEY_BLOCK, dtype=np.float32)  # [block], one scratch per thread
+        for item in range(part * n_items // n_parts, (part + 1) * n_items // n_parts):
+            row, rest = divmod(item, Hkv * n_splits)
+            j, split = divmod(rest, n_splits)
+            # Rows in the order 0, T-1, 1, T-2, ...: each thread's contiguous run of items then
+            # mixes short (early) and long (late) causal rows, which balances the threads.
+            t = row // 2 if row % 2 == 0 else T - 1 - row // 2
+            lo = split * split_len
+            hi = min(lo + split_len, past + t + 1)  # query t sees keys 0 .. past + t
+            keys = k[j * k_head_stride : j * k_head_stride + S * hd].reshape((S, hd))  # [S, hd]
+            values = v[j * v_head_stride : j * v_head_stride + S * hd].reshape((S, hd))  # [S, hd]
+            for h in range(j * G, (j + 1) * G):
+                query = q[t, h]  # [hd]
+                out = acc[split, t, h]  # [hd]
+                out[:] = 0.0
+                m_run = np.float32(-np.inf)
+                l_run = np.float32(0.0)
+                for b0 in range(lo, hi, _KEY_BLOCK):
+                    nb = min(_KEY_BLOCK, hi - b0)
+                    for b in range(0, nb - 3, 4):
+                        s0, s1, s2, s3 = _dot4(
+                            query, keys[b0 + b], keys[b0 + b + 1], keys[b0 + b + 2], keys[b0 + b + 3]
+                        )
+                        scores[b], scores[b + 1], scores[b + 2], scores[b + 3] = s0, s1, s2, s3
+                    for b in range(nb - nb % 4, nb):
+                        scores[b] = _dot(query, keys[b0 + b])
+                    block_max = np.float32(-np.inf)
+                    for b in range(nb):
+                        scores[b] *= scale  # after the dot product, as the twin scales
+                        block_max = max(block_max, scores[b])
+                    m_new = max(m_run, block_max)
+                    correction = np.exp(m_run - m_new)  # e^-inf = 0 on the first block
+                    l_run *= correction
+                    for d in range(hd):
+                        out[d] *= correction
+                    for b in range(nb):
+                        scores[b] = np.exp(scores[b] - m_new)
+                        l_run += scores[b]
+                    for b in range(0, nb - 3, 4):
+                        _add_weighted4(
+                            out,
+                            scores[b], values[b0 + b],
+                            scores[b + 1], values[b0 + b + 1],
+                            scores[b + 2], values[b0 + b + 2],
+                            scores[b + 3], values[b0 + b + 3],
+                        )
+                    for b in range(nb - nb % 4, nb):
+                        _add_weighted(out, scores[b], values[b0 + b])
+                    m_run = m_new
+                m[split, t, h] = m_run
+                l[split, t, h] = l_run
+
+
+# Serial: merging is O(T H hd) against the O(T S H hd) of _attend, less than a parallel launch costs.
+@njit(fastmath=_FASTMATH, cache=True)
+def _merge(m, l, acc, out):
+    """out[t, h*hd:(h+1)*hd] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s."""
+    n_splits, T, H, hd = acc.shape
+    for t in range(T):
+        for h in range(H):
+            m_max = m[0, t, h]  # split 0 holds key 0, which every query sees: m_max is finite
+            for s in range(1, n_splits):
+                m_max = max(m_max, m[s, t, h])
+            total = np.float32(0.0)
+            for s in range(n_splits):
+                total += l[s, t, h] * np.exp(m[s, t, h] - m_max)
+            row = out[t, h * hd : (h + 1) * hd]  # [hd]
+            row[:] = 0.0
+            for s in range(n_splits):
+                weight = np.exp(m[s, t, h] - m_max) / total
+                part = acc[s, t, h]  # [hd]
+                for d in range(hd):
+                    row[d] += part[d] * weight

@@ -1,0 +1,370 @@
+"""The Numba kernels agree with their NumPy twins in qwen_ref, which are the specification.
+
+Float32 results that are summed in a different order cannot agree bit for bit, so each comparison
+carries an error bound derived from float32 rounding (unit roundoff U = 2^-24 per operation):
+summing n terms in any order is off by at most n U sum|terms|, and the two implementations can
+each be off by that much. Where both sides round the same operations in the same order (widening,
+RoPE) the test demands bit equality.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from qwen_ref.attention import attention as attention_twin
+from qwen_ref.linear import linear as linear_twin
+from qwen_ref.mlp import silu_mul as silu_mul_twin
+from qwen_ref.rms_norm import rms_norm as rms_norm_twin
+from qwen_ref.rope import apply_rope as apply_rope_twin
+from qwen_ref.rope import rope_cos_sin, rope_inv_freq
+from qwen_ref.weights import to_float32
+
+REPO = Path(__file__).resolve().parent.parent
+U = 2.0**-24  # float32 unit roundoff
+STORED_DTYPES = ["F32", "F16", "BF16"]
+seeds = st.integers(0, 2**32 - 1)
+
+
+def stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as a read-only checkpoint tensor: float32, float16, or bfloat16 words (truncated)."""
+    if dtype == "F32":
+        out = values.astype(np.float32)
+    elif dtype == "F16":
+        out = values.astype(np.float16)
+    else:
+        out = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    out.setflags(write=False)  # as the memory-mapped weights of a checkpoint are
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Widening: every 16-bit pattern
+
+
+def test_bfloat16_widening_is_exact_for_all_65536_words():
+    words = np.arange(2**16, dtype=np.uint16).reshape(1, -1)  # [1, 65536]
+    out = np.empty(words.shape, dtype=np.float32)
+    kernels.widen_rows(words, out)
+    # bit comparison, so nan payloads, signed zeros and infinities count too
+    np.testing.assert_array_equal(out.view(np.uint32), words.astype(np.uint32) << 16)
+
+
+def test_float16_widening_matches_numpy_for_all_65536_words_including_subnormals_inf_and_nan():
+    words = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(1, -1)  # [1, 65536]
+    out = np.empty(words.shape, dtype=np.float32)
+    kernels.widen_rows(words.view(np.int16), out)  # float16 reaches the kernels as int16 words
+    np.testing.assert_array_equal(out.view(np.uint32), words.astype(np.float32).view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+
+
+def sum_order_bound(abs_x: np.ndarray, abs_w: np.ndarray, abs_b: np.ndarray | float) -> np.ndarray:
+    """Largest gap between two float32 evaluations of x @ w.T + b that sum in different orders.
+
+    Each is within (n_in + 1) U (|x| @ |w|.T + |b|) of the exact value (recursive summation bound;
+    blocked, pairwise and fused sums do no worse), so they are within twice that of each other.
+    """
+    n_in = abs_x.shape[1]
+    return 2 * (n_in + 1) * U * (abs_x.astype(np.float64) @ abs_w.T.astype(np.float64) + abs_b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    T=st.sampled_from([1, 1, 2, 3, 4, 5, 7, 9, 33]),
+    n_in=st.integers(1, 300),
+    n_out=st.integers(1, 200),
+    dtype=st.sampled_from(STORED_DTYPES),
+    with_bias=st.booleans(),
+    seed=seeds,
+)
+def test_linear_matches_numpy_twin(T, n_in, n_out, dtype, with_bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, n_in), dtype=np.float32)
+    weight = stored(rng.standard_normal((n_out, n_in)), dtype)
+    bias = stored(rng.standard_normal(n_out), dtype) if with_bias else None
+    got = kernels.linear(x, weight, bias)
+    want = linear_twin(x, weight, bias)
+    assert got.dtype == np.float32 and got.shape == (T, n_out)
+    w32, b32 = to_float32(weight), (np.abs(to_float32(bias)) if with_bias else 0.0)
+    # float32 dot products of length n_in summed in different orders (SIMD lanes vs BLAS blocks)
+    assert np.all(np.abs(got - want) <= sum_order_bound(np.abs(x), np.abs(w32), b32))
+
+
+@pytest.mark.parametrize("dtype", STORED_DTYPES)
+@pytest.mark.parametrize("T", [1, 2, 6])
+def test_linear_propagates_inf_and_nan_like_numpy_twin(T, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, 16), dtype=np.float32)
+    w = rng.standard_normal((5, 16), dtype=np.float32)
+    w[1, 3], w[2, 4], w[3, 0], w[3, 1] = np.inf, np.nan, np.inf, -np.inf
+    x[0, 7] = np.inf
+    weight = stored(w, dtype)
+    got = kernels.linear(x, weight, None)
+    with np.errstate(invalid="ignore"):
+        want = linear_twin(x, weight, None)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+
+
+def test_linear_of_a_long_matrix_reduces_in_column_blocks_over_many_weight_tiles():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((13, 2100), dtype=np.float32)  # n_in over two column blocks of the GEMM
+    weight = stored(rng.standard_normal((301, 2100)), "BF16")  # many tiles, the last one ragged
+    bias = stored(rng.standard_normal(301), "BF16")
+    for rows in (x[:1], x[:2], x[:12], x):  # GEMV twice, then GEMM with full and ragged blocks of 4 rows
+        got = kernels.linear(rows, weight, bias)
+        bound = sum_order_bound(np.abs(rows), np.abs(to_float32(weight)), np.abs(to_float32(bias)))
+        assert np.all(np.abs(got - linear_twin(rows, weight, bias)) <= bound)  # dot products of 2100 terms
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm, apply_rope, silu_mul
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.sampled_from([1, 2, 5, 17, 70, 130]),
+    D=st.sampled_from([1, 3, 32, 64, 100, 1024]),
+    dtype=st.sampled_from(STORED_DTYPES),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=seeds,
+)
+def test_rms_norm_matches_numpy_twin(T, D, dtype, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((T, D))).astype(np.float32)
+    weight = stored(1.0 + 0.3 * rng.standard_normal(D), dtype)
+    got = kernels.rms_norm(x, weight, 1e-6)
+    want = rms_norm_twin(x, weight, 1e-6)
+    # the sum of D positive squares is off by at most D U relative on each side, halved by the square
+    # root: the sides differ by D U; mean, + eps, sqrt, reciprocal and two products add 6 U per side
+    assert np.all(np.abs(got - want) <= (D + 12) * U * np.abs(want))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.sampled_from([1, 2, 7, 40, 200]),
+    n_heads=st.sampled_from([1, 2, 3, 16]),
+    hd=st.sampled_from([2, 4, 6, 64, 128]),
+    past=st.integers(0, 40000),
+    seed=seeds,
+)
+def test_apply_rope_matches_numpy_twin_bit_for_bit(T, n_heads, hd, past, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, n_heads, hd), dtype=np.float32)
+    cos, sin = rope_cos_sin(np.arange(past, past + T), rope_inv_freq(hd, 1e6))
+    x_before = x.copy()
+    got = kernels.apply_rope(x, cos, sin)
+    # the same two float32 products and one sum per element, in the same order: no tolerance
+    np.testing.assert_array_equal(got, apply_rope_twin(x, cos, sin))
+    np.testing.assert_array_equal(x, x_before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.sampled_from([1, 3, 30, 64]),
+    F=st.sampled_from([1, 5, 48, 2816]),
+    scale=st.sampled_from([0.1, 3.0, 100.0]),
+    seed=seeds,
+)
+def test_silu_mul_matches_numpy_twin(T, F, scale, seed):
+    rng = np.random.default_rng(seed)
+    gate = (scale * rng.standard_normal((T, F))).astype(np.float32)
+    up = rng.standard_normal((T, F), dtype=np.float32)
+    got = kernels.silu_mul(gate, up)
+    want = silu_mul_twin(gate, up)
+    # glibc's expf is within 0.5 ulp, NumPy's SIMD float32 exp within 2.5 ulp (2.44 measured over
+    # [-103, 88.7]), so they differ by at most 3 ulp = 6 U relative; 1 + e, the division and the
+    # product round once on each side: 12 U, and 16 U leaves a margin. Where exp(-g) overflows on one
+    # side only (g ~ -88.7) both results are below 1e-37 in magnitude.
+    assert np.all(np.abs(got - want) <= 16 * U * np.abs(want) + 1e-37 * np.abs(up))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention, on keys and values sliced out of a preallocated cache exactly as model.py slices them
+
+
+def attention_case(rng, T, past, Hkv, G, hd, spare, score_scale):
+    """q [T, H, hd] and k, v [Hkv, S, hd] views of layer 1 of a [2, Hkv, capacity, hd] cache."""
+    S = past + T
+    capacity = S + spare
+    keys = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
+    values = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
+    q = (score_scale * rng.standard_normal((T, Hkv * G, hd))).astype(np.float32)  # [T, H, hd]
+    return q, keys[1, :, :S], values[1, :, :S]
+
+
+def attention_bound(q, k, v):
+    """Largest gap, per output element, between two float32 evaluations of causal softmax(q k^T s) v.
+
+    A score is a dot product of hd terms, off by at most (hd + 1) U s |q|.|k| on each side. An error
+    e in the scores moves every softmax weight by at most 2e relative, so the output by 2e max|v|,
+    from each side. Subtracting the maximum, exp, the normalisation and the weighted sum over S
+    values (recursive, with online rescaling every key block) add at most (3 S + 16) U max|v|.
+    """
+    T, H, hd = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    scale = hd**-0.5
+    abs_q = np.abs(q.astype(np.float64)).transpose(1, 0, 2)  # [H, T, hd]
+    abs_k = np.abs(k.astype(np.float64)).repeat(G, axis=0)  # [H, S, hd]: head h reads kv head h // G
+    abs_scores = abs_q @ abs_k.transpose(0, 2, 1)  # [H, T, S]
+    score_error = (hd + 1) * U * scale * abs_scores.max(axis=-1)  # [H, T], worst key (masked ones too: looser)
+    v_max = np.abs(v).max(axis=(1, 2)).repeat(G)  # [H]
+    per_head = (4 * score_error + (3 * S + 16) * U) * v_max[:, None]  # [H, T]
+    return per_head.T.repeat(hd, axis=1)  # [T, H*hd]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    T=st.sampled_from([1, 1, 2, 3, 8, 17, 40]),
+    past=st.one_of(st.integers(0, 10), st.integers(0, 300)),
+    Hkv=st.integers(1, 3),
+    G=st.sampled_from([1, 2, 4, 5, 8]),
+    hd=st.sampled_from([1, 2, 8, 16, 64, 66]),
+    spare=st.integers(0, 9),
+    score_scale=st.sampled_from([0.1, 1.0, 4.0]),
+    seed=seeds,
+)
+def test_attention_matches_numpy_twin_on_strided_cache_views(T, past, Hkv, G, hd, spare, score_scale, seed):
+    q, k, v = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale)
+    assert spare == 0 or Hkv == 1 or not k.flags.c_contiguous  # heads of a cache slice are capacity*hd apart
+    got = kernels.attention(q, k, v)
+    want = attention_twin(q, k, v)
+    assert got.shape == (T, Hkv * G * hd)
+    assert np.all(np.abs(got - want) <= attention_bound(q, k, v))
+
+
+@pytest.mark.parametrize(
+    ("T", "past", "Hkv", "G"), [(1, 1500, 1, 8), (1, 3000, 2, 1), (2, 1200, 1, 4), (3, 700, 1, 2)]
+)
+def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G):
+    # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
+    # with any number of threads (2 to 4 ranges here even on one thread)
+    q, k, v = attention_case(np.random.default_rng(past), T, past, Hkv, G, 64, 5, 2.0)
+    got = kernels.attention(q, k, v)
+    assert np.all(np.abs(got - attention_twin(q, k, v)) <= attention_bound(q, k, v))
+
+
+def test_attention_accepts_views_whose_rows_are_not_contiguous():
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((5, 4, 8), dtype=np.float32)
+    k = rng.standard_normal((2, 8, 11), dtype=np.float32).transpose(0, 2, 1)  # [Hkv, S, hd], hd strided
+    v = rng.standard_normal((11, 2, 8), dtype=np.float32).transpose(1, 0, 2)[::-1]  # heads reversed
+    assert np.all(np.abs(kernels.attention(q, k, v) - attention_twin(q, k, v)) <= attention_bound(q, k, v))
+
+
+def test_attention_does_not_write_into_the_cache():
+    q, k, v = attention_case(np.random.default_rng(3), 4, 20, 2, 2, 8, 3, 1.0)
+    k_before, v_before = k.copy(), v.copy()
+    kernels.attention(q, k, v)
+    np.testing.assert_array_equal(k, k_before)
+    np.testing.assert_array_equal(v, v_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model: numba backend against numpy backend
+
+
+@pytest.mark.parametrize(("dtype", "tied"), [("BF16", True), ("F16", False), ("F32", False)])
+def test_model_logits_on_numba_backend_match_numpy_backend_full_and_incremental(tmp_path, dtype, tied):
+    from helpers import random_checkpoint, small_config
+
+    from qwen_ref import load_model
+    from qwen_ref.backends import get_backend
+
+    # G = 3 query heads per kv head, head_dim 8, sizes that are not multiples of any SIMD width
+    config = small_config(hidden_size=48, intermediate_size=72, num_attention_heads=6, num_key_value_heads=2,
+                          num_hidden_layers=3, vocab_size=101, tie_word_embeddings=tied)
+    random_checkpoint(tmp_path, config, dtype=dtype, seed=7)
+    numpy_model = load_model(tmp_path, get_backend("numpy"))
+    numba_model = load_model(tmp_path, get_backend("numba"))
+    tokens = np.random.default_rng(0).integers(0, config["vocab_size"], 23)
+
+    want = numpy_model.forward(tokens, numpy_model.new_cache(64))  # [23, V]
+    got = numba_model.forward(tokens, numba_model.new_cache(64))
+    # float32 end to end; three layers of reordered sums stay far inside this
+    tolerance = 1e-4 * max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
+    # a prompt, then one token at a time through the KV cache (the decode GEMV and attention path)
+    cache = numba_model.new_cache(64)
+    steps = [numba_model.forward(tokens[:15], cache)]
+    steps += [numba_model.forward(tokens[i : i + 1], cache) for i in range(15, 23)]
+    np.testing.assert_allclose(np.concatenate(steps), want, rtol=0, atol=tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation cache and pure-Python mode, in fresh processes
+
+# One small call of every kernel, with the argument types the model uses (float32 activations,
+# read-only weights), so the signatures are those the tests above compiled and cached.
+_SMOKE = textwrap.dedent(
+    """
+    import numpy as np
+    import kernels
+    from qwen_ref.backends import NUMPY
+
+    rng = np.random.default_rng(0)
+    def ro(a):
+        a.setflags(write=False)
+        return a
+    x = rng.standard_normal((5, 8), dtype=np.float32)  # 5 rows: the GEMM path
+    worst = 0.0
+    for w in (ro(rng.standard_normal((5, 8), dtype=np.float32)), ro(rng.standard_normal((5, 8)).astype(np.float16)),
+              ro((rng.standard_normal((5, 8), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16))):
+        b = ro(w[:, 0].copy())
+        for rows in (x[:1], x):
+            worst = max(worst, np.abs(kernels.linear(rows, w, b) - NUMPY.linear(rows, w, b)).max())
+        worst = max(worst, np.abs(kernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
+    q = rng.standard_normal((5, 4, 8), dtype=np.float32)
+    cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
+    k, v = cache[0, :, :5], cache[1, :, :5]
+    worst = max(worst, np.abs(kernels.attention(q, k, v) - NUMPY.attention(q, k, v)).max())
+    worst = max(worst, np.abs(kernels.attention(q[:1], k, v) - NUMPY.attention(q[:1], k, v)).max())
+    cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
+    worst = max(worst, np.abs(kernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
+    worst = max(worst, np.abs(kernels.silu_mul(x, x) - NUMPY.silu_mul(x, x)).max())
+    print("worst", worst)
+    """
+)
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_kernels_run_as_plain_python_with_numba_disable_jit():
+    out = run_python(_SMOKE, NUMBA_DISABLE_JIT="1")
+    assert float(out.split()[-1]) < 1e-5  # float32 sums of at most 8 terms of size ~1
+
+
+def test_a_second_process_loads_every_kernel_from_the_cache_without_compiling():
+    count_misses = textwrap.dedent(
+        """
+        import sys
+        from numba.core.dispatcher import Dispatcher
+        dispatchers = [obj for name, module in list(sys.modules.items()) if name.startswith("kernels.")
+                       for obj in vars(module).values() if isinstance(obj, Dispatcher)]
+        print("dispatchers", len(dispatchers), "misses", sum(sum(d.stats.cache_misses.values()) for d in dispatchers))
+        """
+    )
+    run_python(_SMOKE)  # compiles whatever is not cached yet (nothing, after the tests above)
+    out = run_python(_SMOKE + count_misses).split()
+    assert int(out[out.index("dispatchers") + 1]) >= 10 and int(out[out.index("misses") + 1]) == 0, out
