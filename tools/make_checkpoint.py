@@ -19,19 +19,24 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "tests" / "data" / "qwen1.5-tokenizer"
 
-# The published Qwen1.5 configs (hidden, intermediate, layers, heads, kv heads, tied head).
+# The published Qwen1.5 configs (hidden, intermediate, layers, heads, kv heads, tied head), and
+# `tiny` for smoke tests of the tools that use them: 10M parameters, grouped-query attention, and
+# the full vocabulary, so that the tokenizer still fits.
 SHAPES = {
     "0.5b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=16, tie_word_embeddings=True),
     "1.8b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=16, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
 }
 
 
 def make_checkpoint(shape: str, dtype: str, out: Path, seed: int = 0) -> None:
+    shape_fields = {"vocab_size": 151936, **SHAPES[shape]}
     config = Qwen2Config(
-        vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-        bos_token_id=151643, eos_token_id=151643, **SHAPES[shape],
+        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        bos_token_id=151643, eos_token_id=151643, **shape_fields,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))

@@ -1,0 +1,53 @@
+"""tools/bench.py runs end to end (on a tiny model) and writes results of the documented structure.
+
+No timing is asserted: CI machines are too noisy for that. The full benchmark is run by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MEASUREMENT_KINDS = {"bandwidth", "gemm", "qwen_decode", "qwen_prefill", "profile", "hf_decode", "hf_prefill"}
+
+
+def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path, torch_reference):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"), "--smoke", "--threads", "1",
+         "--out", str(out), "--checkpoints", str(tmp_path / "checkpoints")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("command", "machine", "versions", "plan", "models", "measurements", "targets"):
+        assert key in results
+    assert results["machine"]["cpu_flags"] and results["machine"]["cores_available"] >= 1
+    assert {"python", "numpy", "numba", "torch", "transformers"} <= set(results["versions"])
+
+    measurements = results["measurements"]
+    assert {m["kind"] for m in measurements.values()} == MEASUREMENT_KINDS  # every workload kind ran
+    for name, m in measurements.items():
+        assert "error" not in m, name
+        assert m["repeats"] == len(m["values"]) >= 1, name
+        assert 0 < m["min"] <= m["median"] <= m["max"], name
+        assert m["peak_rss_bytes"] > 0, name
+
+    model = "qwen-ref/numba/tiny-bf16"
+    decode, prefill = measurements[f"{model}/decode/1t"], measurements[f"{model}/prefill-16/1t"]
+    # derived figures exist wherever the run measured what they need
+    for m in (decode, prefill, measurements[f"{model}/decode-ctx-32/1t"]):
+        assert m["ceiling"] > 0 and m["fraction_of_ceiling"] > 0
+        assert m["vs_transformers_float32"] > 0
+    assert decode["bytes_per_token"]["weights"] > 0 and decode["rss_budget_bytes"] > 0
+    assert measurements["qwen-ref/numpy/tiny-bf16/decode/1t"]["median"] > 0
+    assert "attention" in measurements["profile/numba/tiny-bf16/decode-ctx-32/1t"]["ops"]
+    assert len(results["targets"]) == 6
+
+    markdown = (out / "BENCHMARKS.md").read_text()
+    for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length"):
+        assert heading in markdown
