@@ -1,23 +1,24 @@
 """y = x @ W.T + b over weights in their stored dtype (float32, bfloat16 or float16 words).
 
 Two kernels, chosen by the number of rows of x:
-  - `_gemv` (one row, the decode step, or up to 3) streams every weight row once, widening it in
-    registers.
-    It is bound by memory bandwidth, so it is parallel over output rows and does nothing else.
-    bfloat16 rows of even length take `_gemv_bf16_pairs`, which reads two words at a time as one
-    uint32 (a shift and a mask widen both, no shuffles): 26 GB/s instead of 23 on the [151936, 1024]
-    LM head, whose plain streaming read runs at 29 GB/s on this 2-core machine.
-  - `_gemm` (more rows, the prefill) widens a tile of weight rows into a float32 scratch once and
+  - `_gemv` (the decode step, T = 1, and T <= 3) streams every weight row once, widening it in
+    registers. It is bound by memory bandwidth, so it is parallel over output rows and does nothing
+    else. bfloat16 rows of even length take `_gemv_bf16_pairs`, which reads two words at a time as
+    one uint32 (a shift and a mask widen both, no shuffles): ~25 GB/s instead of ~23 on the
+    [151936, 1024] LM head, against ~29 GB/s for a plain streaming read on this 2-core machine.
+  - `_gemm` (T >= 4, the prefill) widens a tile of 32 weight rows into a float32 scratch once and
     reuses it for every row of x, in register tiles of 4 rows of x by 2 weight rows.
 
 Both accumulate in float32. `fastmath` is limited to `reassoc` (LLVM may split a dot product over
-SIMD lanes, so the summation order differs from BLAS's, and from run to run only if n_in changes)
-and `contract` (fused multiply-add). Neither assumes finite values, so inf and nan propagate.
+SIMD lanes: the summation order differs from BLAS's, but it is fixed for given shapes, so results
+are reproducible and do not depend on the thread count) and `contract` (fused multiply-add).
+Neither assumes finite values, so inf and nan propagate.
 
-Measured on 2 cores (znver3) for [512, 1024] x [2816, 1024] bf16 inside a layer-like sequence of
-kernels: this GEMM ~140 GFLOP/s; widening a row block then calling NumPy's BLAS ~90 GFLOP/s, because
-OpenBLAS's worker threads and Numba's keep spinning while the other pool runs. NumPy's BLAS alone on
-float32 weights reaches ~170 GFLOP/s. See tools/bench_kernels.py.
+Why not widen a block of rows and call NumPy's BLAS for the prefill, as the twin does? Alone, BLAS
+is ahead (T = 512: ~175 GFLOP/s on float32 weights; this GEMM 130-165 on bf16). But between Numba
+kernels, OpenBLAS's worker threads and Numba's spin while the other pool works: in a layer-like
+sequence the BLAS route fell to ~90 GFLOP/s at T = 512 and ~25 at T = 64, where this GEMM kept ~140
+and ~100. See tools/bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from numba import njit, prange
 from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
-# Weight rows widened together by `_gemm`, and the columns of them reduced together (see _gemm).
+# Weight rows widened together by `_gemm`, and the columns of them reduced together (see _gemm);
+# one thread at T = 512 measured 32 x 1024 ahead of 64 x 1024, 64 x 512 and 128 x 1024 by 5-15%.
 _TILE_ROWS = 32
 _K_BLOCK = 1024
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
-# widening tiles (measured on [2816, 1024] bf16: at T = 2, 0.46 ms against 0.71 ms; even at T = 4).
+# widening tiles (one thread, [2816, 1024] bf16: 0.46 ms against 0.71 ms at T = 2, even at T = 4).
 _GEMV_MAX_ROWS = 3
 
 
