@@ -19,7 +19,7 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     run = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench.py"), "--smoke", "--threads", "1",
          "--out", str(out), "--checkpoints", str(tmp_path / "checkpoints")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert run.returncode == 0, run.stderr[-4000:]
 

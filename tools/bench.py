@@ -1,6 +1,6 @@
 """Benchmark qwen-ref against the machine's ceilings and against transformers, in one run.
 
-    python tools/bench.py                                        # the full run (about 35 minutes)
+    python tools/bench.py                                        # the full run: 25 min on a quiet machine
     python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into results.json
     python tools/bench.py --smoke --out /tmp/bench               # a tiny model in seconds: CI runs the script
 
@@ -301,18 +301,18 @@ def work_bandwidth(spec: dict) -> list[dict]:
     out = []
     for label, make in arrays.items():
         words = make()  # [rows, 1024] float32
-        partial = np.empty(words.shape[0], dtype=np.float32)  # [rows]
-
-        def once() -> float:
-            start = time.perf_counter()
-            stream_kernel()(words, partial)
-            return words.nbytes / (time.perf_counter() - start) / 1e9
-
+        once = functools.partial(_stream_gbps, words, np.empty(words.shape[0], dtype=np.float32))
         once(), once()  # JIT, page faults, page cache
         m = measure(once, spec, label, "GB/s")
         out.append({"name": f"ceiling/{spec['label']}/{label}/{spec['threads']}t", "bytes": int(words.nbytes), **m})
-        del words
+        del words, once  # before the next array is made
     return out
+
+
+def _stream_gbps(words: np.ndarray, partial: np.ndarray) -> float:
+    start = time.perf_counter()
+    stream_kernel()(words, partial)
+    return words.nbytes / (time.perf_counter() - start) / 1e9
 
 
 def _layer_matrices(model_dir: str) -> list[tuple[int, int]]:
@@ -338,19 +338,21 @@ def work_gemm(spec: dict) -> list[dict]:
         weights = [rng.standard_normal(m, dtype=np.float32) * 0.02 for m in mats]  # [n_out, n_in] each
         for T in spec["prompts"]:
             x = {n_in: rng.standard_normal((T, n_in), dtype=np.float32) for _, n_in in mats}  # [T, n_in]
-            flops = 2 * T * sum(a * b for a, b in mats)
-
-            def layer() -> float:
-                start = time.perf_counter()
-                for w in weights:
-                    x[w.shape[1]] @ w.T  # [T, n_out]
-                return flops / (time.perf_counter() - start) / 1e9
-
+            layer = functools.partial(_layer_gflops, x, weights)
             layer(), layer()  # warm-up
             m = measure(layer, spec, f"{shape} T={T}", "GFLOP/s")
             out.append({"name": f"ceiling/gemm/{shape}/T{T}/{spec['threads']}t", "matrices": mats, "tokens": T,
                         "blas": blas, **m})
     return out
+
+
+def _layer_gflops(x: dict[int, np.ndarray], weights: list[np.ndarray]) -> float:
+    """One pass of x[T, n_in] @ W.T over the weights, in GFLOP/s."""
+    start = time.perf_counter()
+    for w in weights:
+        x[w.shape[1]] @ w.T  # [T, n_out]
+    seconds = time.perf_counter() - start
+    return sum(2 * x[w.shape[1]].shape[0] * w.size for w in weights) / seconds / 1e9
 
 
 def _random_tokens(n: int, vocab: int) -> np.ndarray:
@@ -502,24 +504,14 @@ def work_profile(spec: dict) -> list[dict]:
     for ctx in spec["contexts"]:
         cache = model.new_cache(ctx + 2 + steps * (2 * spec["repeats"] + 1))
         _fill_cache(cache, ctx)
-        token = np.array([1])
-        for _ in range(2):  # warm-up
-            model.forward(token, cache, last_only=True)
-        tables = []
-
-        def run() -> float:
-            timer.reset()
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.forward(token, cache, last_only=True)  # [1, V]
-            seconds = time.perf_counter() - start
-            tables.append(timer.table(seconds, steps))
-            return 1e3 * seconds / steps
-
+        _profile_steps(model, cache, timer, 2, [])  # warm-up
+        tables: list[dict] = []
+        run = functools.partial(_profile_steps, model, cache, timer, steps, tables)
         m = measure(run, spec, f"decode at context {ctx}", "ms/token")
-        best = min(range(len(tables)), key=lambda i: sum(t["ms"] for t in tables[i].values()))
-        out.append({"name": f"{where}/decode-ctx-{ctx}/{spec['threads']}t", "context": ctx, **m, "ops": tables[best]})
-        del cache
+        # the op table of the repeat whose time is the median (the tables of discarded repeats are there too)
+        ops = min(tables, key=lambda table: abs(sum(op["ms"] for op in table.values()) - m["median"]))
+        out.append({"name": f"{where}/decode-ctx-{ctx}/{spec['threads']}t", "context": ctx, **m, "ops": ops})
+        del cache, run
     P = spec["prompt"]
     tokens = _random_tokens(P, model.config.vocab_size)
     prefill(model, tokens[:64], model.new_cache(64))  # warm-up
@@ -537,6 +529,18 @@ def work_profile(spec: dict) -> list[dict]:
     m = measure(run_prefill, {**spec, "repeats": 1}, f"prefill of {P}", "ms")
     out.append({"name": f"{where}/prefill-{P}/{spec['threads']}t", "prompt": P, **m, "ops": tables[-1]})
     return out
+
+
+def _profile_steps(model, cache, timer: OpTimer, steps: int, tables: list[dict]) -> float:
+    """`steps` decode steps (token 1 each time: the cost does not depend on it); ms per step. The op
+    table of the steps is appended to `tables`."""
+    timer.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.forward(np.array([1]), cache, last_only=True)  # [1, V]
+    seconds = time.perf_counter() - start
+    tables.append(timer.table(seconds, steps))
+    return 1e3 * seconds / steps
 
 
 def _hf_model(spec: dict):
@@ -843,9 +847,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: dict, plan: Plan) -> str:
     M, threads = results["measurements"], results["threads"]
     t = f"{threads}t"
+    runs = [*results.get("earlier_runs", []), results]  # --only reruns merge into an earlier run's results
     lines = ["# qwen-ref benchmarks", "",
-             f"Written by `{results['command']}` on {results['finished']} ({results['runtime_minutes']:.0f} min). "
-             "Regenerate with `python tools/bench.py` (all options: `--help`).", ""]
+             "Measured by " + ", then ".join(f"`{r['command']}` ({r['started']} to {r['finished']})" for r in runs)
+             + ". Regenerate with `python tools/bench.py` (all options: `--help`); a rerun of some workloads "
+             "(`--only`) replaces just their measurements.", ""]
     mach, ver = results["machine"], results["versions"]
     lines += [f"**Machine**: {mach['cpu_model']}, {mach['cores_available']} cores available, "
               f"{mach['memory_gb']:.0f} GB, Linux {mach['kernel']}; transparent huge pages `{mach['thp']}`. "
@@ -878,7 +884,6 @@ def markdown(results: dict, plan: Plan) -> str:
         rows.append([tg["target"], value, "" if tg["threshold"] is None else f"{tg['op']} {fmt(tg['threshold'])}", verdict])
     lines += _table(["target", "measured", "threshold", ""], rows) + [""]
 
-    bw = {n: M.get(f"ceiling/bandwidth/{kind}/{n}t") for n in (1, threads) for kind in ("anon", "mmap-file")}
     lines += ["## Ceilings of this machine (measured in this run)", "",
               "Streaming read: a Numba `prange` over the rows of a float32 array, summing each row once (the "
               "access pattern of a GEMV), median of repeats. `anon`: a 1 GiB NumPy array (NumPy asks for huge "
@@ -1013,7 +1018,7 @@ def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
         return []
     lines = [f"## Where a decode step's time goes ({plan.headline}, numba)", "",
              "Each backend operation wrapped in a timer; ms per token summed over the layers, and the bandwidth "
-             f"(weight or KV bytes read / time) each achieved. Median step: "
+             "(weight or KV bytes read / time) each achieved. Median step: "
              + ", ".join(f"{_f(m['median'])} ms at {m['context']}" for m in decode) + ".", ""]
     labels = list(dict.fromkeys(label for m in decode for label in m["ops"]))
     rows = [["**all weight matrices**"]]
@@ -1044,8 +1049,10 @@ def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
 
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    field_of = lambda key: next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()  # noqa: E731
-                                 if line.startswith(key)), "?")
+
+    def field_of(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(key)), "?")
+
     flags = field_of("flags").split()
     simd = [f for f in flags if f.startswith(("sse", "ssse", "avx", "fma", "f16c", "amx")) or f in ("bmi2",)]
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -1067,7 +1074,7 @@ def versions() -> dict:
 
 def git_state() -> dict:
     def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
     return {"head": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain").splitlines()}
 
