@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import kernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
+from bench import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
 
@@ -50,16 +50,6 @@ def report(name: str, fn: Callable[[], object], repeats: int, work: float, unit:
     # After NumPy's BLAS, OpenBLAS's worker threads keep spinning for a while and a Numba parallel
     # region that starts then waits a whole time slice (8 ms) for its own worker; let them sleep.
     time.sleep(0.5)
-
-
-@njit(parallel=True, fastmath={"reassoc"}, cache=True)
-def _stream(words, partial):
-    """Read every byte once (as float32 words) with as little arithmetic as possible: the bandwidth bound."""
-    for r in prange(words.shape[0]):
-        acc = np.float32(0.0)
-        for j in range(words.shape[1]):
-            acc += words[r, j]
-        partial[r] = acc
 
 
 def stored(rng: np.random.Generator, shape: tuple[int, int], dtype: str) -> np.ndarray:
@@ -84,7 +74,7 @@ def bench_gemv(repeats: int) -> None:
             if dtype == "bf16":
                 words = w.view(np.float32).reshape(n_out, -1)  # the same bytes, as float32 words
                 partial = np.empty(n_out, dtype=np.float32)
-                report(f"{name}: stream bound", lambda: _stream(words, partial), n_repeats, gigabytes, "GB/s")
+                report(f"{name}: stream bound", lambda: stream_kernel()(words, partial), n_repeats, gigabytes, "GB/s")
             report(f"{name}: numba", lambda: kernels.linear(x, w, None), n_repeats, gigabytes, "GB/s")
             if n_out < 10000 or dtype == "bf16":
                 report(f"{name}: numpy twin", lambda: NUMPY.linear(x, w, None), max(3, repeats // 4), gigabytes, "GB/s")
