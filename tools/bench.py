@@ -288,14 +288,16 @@ def stream_kernel():
 def work_bandwidth(spec: dict) -> list[dict]:
     """Streaming read bandwidth: every row of a >= 1 GB float32 array summed once, rows split over threads.
 
-    Also over the memory-mapped checkpoint file, which the weights are read from (page-cache pages,
-    not the huge pages NumPy asks for its own large arrays).
+    Also over the checkpoint file mapped as qwen-ref maps it (page-cache pages, 2 MB where the kernel
+    keeps the file in large folios; NumPy asks for huge pages for its own large arrays).
     """
     _qwen_threads(spec["threads"])
     arrays = {"anon": lambda: np.ones((spec["stream_bytes"] // 4096, 1024), dtype=np.float32)}
     if Path(spec["mmap_file"]).is_file():
         def mapped():
-            data = np.memmap(spec["mmap_file"], dtype=np.uint8, mode="r")
+            from qwen_ref.weights import map_file
+
+            data = np.frombuffer(map_file(Path(spec["mmap_file"])), dtype=np.uint8)  # as qwen-ref maps it
             return data[: len(data) // 4096 * 4096].view(np.float32).reshape(-1, 1024)
         arrays["mmap-file"] = mapped
     out = []
@@ -634,6 +636,7 @@ def ensure_checkpoint(root: Path, shape: str, dtype: str) -> Path:
     config = out / "config.json"
     if config.is_file() and any(out.glob("*.safetensors")):
         if json.loads(config.read_text()).get("dtype") == DTYPES[dtype]:
+            drop_from_page_cache(out)
             return out
         shutil.rmtree(out)
     partial = out.with_name(out.name + ".partial")
@@ -642,7 +645,21 @@ def ensure_checkpoint(root: Path, shape: str, dtype: str) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "make_checkpoint.py"), "--shape", shape,
                     "--dtype", DTYPES[dtype], "--out", str(partial)], check=True, stdout=subprocess.DEVNULL)
     partial.rename(out)  # only a finished checkpoint gets the real name
+    drop_from_page_cache(out)
     return out
+
+
+def drop_from_page_cache(model_dir: Path) -> None:
+    """Evict the checkpoint's files from the page cache, so that its first workload reads them from
+    disk as a user's run would. Pages that were just written stay 4 KB pages in the page cache;
+    read back from disk they come in large folios that qwen-ref maps as 2 MB pages (see
+    qwen_ref.weights.map_file). Every run thus starts from the same state, whatever ran before."""
+    for path in model_dir.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def kernels_digest() -> str:
@@ -887,7 +904,8 @@ def markdown(results: dict, plan: Plan) -> str:
     lines += ["## Ceilings of this machine (measured in this run)", "",
               "Streaming read: a Numba `prange` over the rows of a float32 array, summing each row once (the "
               "access pattern of a GEMV), median of repeats. `anon`: a 1 GiB NumPy array (NumPy asks for huge "
-              "pages); `mmap-file`: the memory-mapped 0.5B bf16 checkpoint file, which is what qwen-ref reads.", ""]
+              "pages); `mmap-file`: the 0.5B bf16 checkpoint file mapped as qwen-ref maps its weights "
+              "(`qwen_ref.weights.map_file`).", ""]
     rows = [[f"{kind}{when}", *[_range(M.get(f"ceiling/{label}/{kind}/{n}t")) + _busy(M.get(f"ceiling/{label}/{kind}/{n}t"))
                                 for n in sorted({1, threads})]]
             for label, when in (("bandwidth", ""), ("bandwidth-end", ", again at the end"))
@@ -996,7 +1014,11 @@ def markdown(results: dict, plan: Plan) -> str:
               "- Each workload runs in a fresh subprocess after a warm-up (JIT from the on-disk cache, page cache, "
               "thread pools); peak RSS is that subprocess's `ru_maxrss` from `os.wait4` (memory-mapped weights count "
               "once their pages are touched).",
-              "- Checkpoints: random weights in the exact Qwen1.5 shapes, written by `tools/make_checkpoint.py`.",
+              "- Checkpoints: random weights in the exact Qwen1.5 shapes, written by `tools/make_checkpoint.py`. "
+              "Each run first evicts them from the page cache (`posix_fadvise(DONTNEED)`), so the first workload "
+              "of a model reads it from disk as a user's run would: pages read from disk come in large folios "
+              "that qwen-ref maps as 2 MB pages, while pages just written stay 4 KB ones (24-26 GB/s instead of "
+              "31-33 measured for a streaming read here).",
               "- transformers: `Qwen2ForCausalLM.from_pretrained(dir, dtype=...)` with its default attention "
               f"implementation ({_attn(M)}); decode is a loop of `model(input_ids=token, cache=DynamicCache)` with "
               "argmax, which is what `generate()` does minus its bookkeeping; prefill passes `logits_to_keep=1`.",
