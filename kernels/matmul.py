@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
+from kernels.swiglu import silu, silu_mul
 from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
@@ -45,24 +47,75 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     x: [T, n_in] float32; weight: [n_out, n_in] float32, float16 or bfloat16 words (uint16);
     bias: [n_out] in a stored dtype, or None. Returns a new [T, n_out] float32 array.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)  # [T, n_in]
-    weight = as_kernel_dtype(np.ascontiguousarray(weight))  # [n_out, n_in]
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear: x {x.shape} and weight {weight.shape} do not chain")
-    if bias is None:
-        bias = weight.reshape(-1)[:0]  # empty, but of the weight's array type: no separate compilation
-    else:
-        bias = as_kernel_dtype(np.ascontiguousarray(bias))  # [n_out]
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"linear: bias {bias.shape} does not match weight {weight.shape}")
-    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)  # [T, n_out]
-    if x.shape[0] <= _GEMV_MAX_ROWS and weight.dtype == np.uint16 and weight.shape[1] % 2 == 0:
-        _gemv_bf16_pairs(x, weight.view(np.uint32), bias, y)
-    elif x.shape[0] <= _GEMV_MAX_ROWS:
-        _gemv(x, weight, bias, y)
-    else:
-        _gemm(x, weight, bias, y, numba.get_num_threads())
+    (y,) = linears(x, (weight,), (bias,))
     return y
+
+
+def linears(
+    x: np.ndarray, weights: tuple[np.ndarray, ...], biases: tuple[np.ndarray | None, ...]
+) -> tuple[np.ndarray, ...]:
+    """(x @ W.T + b for each W, b): projections of one input; NumPy twin: `qwen_ref.linear.linears`.
+
+    The weights share a dtype and n_in. For a few rows of x (decode) they are read in one parallel
+    pass, so q, k and v cost one wake-up of the threads instead of three. This wrapper runs once
+    per projection per token, so it keeps its Python work small.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)  # [T, n_in]
+    gemv = x.shape[0] <= _GEMV_MAX_ROWS
+    ws = tuple(_kernel_weight(w, x, gemv) for w in weights)  # [n_out_i, n_in] (uint32 pairs for bfloat16)
+    bs = tuple(_kernel_bias(b, w) for w, b in zip(ws, biases))  # [n_out_i] stored words
+    if any(w.dtype != ws[0].dtype for w in ws):
+        raise ValueError(f"linears: weights of one call must share a dtype, not {[w.dtype for w in weights]}")
+    ys = tuple(np.empty((x.shape[0], len(w)), dtype=np.float32) for w in ws)  # [T, n_out_i]
+    if gemv:
+        _gemv(x, ws, bs, ys)
+    else:
+        for w, b, y in zip(ws, bs, ys):
+            _gemm(x, w, b, y, numba.get_num_threads())
+    return ys
+
+
+def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
+    """silu(x @ w_gate.T) * (x @ w_up.T); NumPy twin: `qwen_ref.mlp.swiglu`.
+
+    For a few rows of x the two products and the gate share one parallel pass over both weights.
+    Returns a new [T, F] float32 array.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)  # [T, D]
+    if x.shape[0] > _GEMV_MAX_ROWS:
+        gate, up = linears(x, (w_gate, w_up), (None, None))  # [T, F] each
+        return silu_mul(gate, up)
+    wg, wu = _kernel_weight(w_gate, x, True), _kernel_weight(w_up, x, True)  # [F, D] each
+    if wg.shape != wu.shape or wg.dtype != wu.dtype:
+        raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
+    y = np.empty((x.shape[0], len(wg)), dtype=np.float32)  # [T, F]
+    _gemv_swiglu(x, wg, wu, y)
+    return y
+
+
+def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
+    """The weight as the kernels read it; for the GEMV, bfloat16 rows of even length as uint32 pairs."""
+    w = as_kernel_dtype(w)  # [n_out, n_in]
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x {x.shape} and weight {w.shape} do not chain")
+    if gemv and w.dtype == np.uint16 and w.shape[1] % 2 == 0:
+        return w.view(np.uint32)  # [n_out, n_in/2]
+    return w
+
+
+def _kernel_bias(b: np.ndarray | None, kernel_w: np.ndarray) -> np.ndarray:
+    """The bias as stored words, or an empty array of the stored type (no separate compilation for
+    "no bias"). The bias of uint32 pairs is made of uint16 (bfloat16) words."""
+    stored = np.dtype(np.uint16) if kernel_w.dtype == np.uint32 else kernel_w.dtype
+    if b is None:
+        return _NO_BIAS[stored]
+    b = as_kernel_dtype(b)  # [n_out]
+    if b.shape != (len(kernel_w),) or b.dtype != stored:
+        raise ValueError(f"linear: bias {b.shape} {b.dtype} does not match weight {kernel_w.shape} {kernel_w.dtype}")
+    return b
+
+
+_NO_BIAS = {as_kernel_dtype(e).dtype: as_kernel_dtype(e) for e in (np.empty(0, t) for t in (np.float32, np.uint16, np.float16))}
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -72,18 +125,6 @@ def _dot(w_row, x_row):
     for j in range(x_row.shape[0]):
         acc += widen(w_row[j]) * x_row[j]
     return acc
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _gemv(x, weight, bias, y):
-    """y = x @ weight.T (+ bias) for a few rows of x: one pass over the weight, split by rows across threads."""
-    has_bias = bias.shape[0] > 0
-    for r in prange(weight.shape[0]):
-        w_row = weight[r]  # [n_in]
-        c = widen(bias[r]) if has_bias else np.float32(0.0)
-        for t in range(x.shape[0]):
-            acc = _dot(w_row, x[t])
-            y[t, r] = acc + c if has_bias else acc
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -97,18 +138,61 @@ def _dot_bf16_pairs(w_pairs, x_even, x_odd):
     return acc
 
 
+def _row_dot(w_row, x_row, x_even, x_odd):
+    """One output of a GEMV: a weight row (stored words, or uint32 bfloat16 pairs) dotted with x."""
+    if w_row.dtype == np.uint32:
+        return _dot_bf16_pairs(w_row, x_even, x_odd)
+    return _dot(w_row, x_row)
+
+
+@overload(_row_dot)
+def _row_dot_jit(w_row, x_row, x_even, x_odd):
+    if w_row.dtype == types.uint32:
+        return lambda w_row, x_row, x_even, x_odd: _dot_bf16_pairs(w_row, x_even, x_odd)
+    return lambda w_row, x_row, x_even, x_odd: _dot(w_row, x_row)
+
+
+@njit(cache=True)
+def _locate_row(weights, r):
+    """(i, row): overall row r of the weights numbered one after another is row `row` of weights[i]."""
+    i, row = 0, np.int64(r)  # prange's index may be unsigned: uint64 - int64 would be float64 in Numba
+    while row >= weights[i].shape[0]:
+        row -= weights[i].shape[0]
+        i += 1
+    return i, row
+
+
+@njit(cache=True)
+def _even_odd(x):
+    """x[:, 0::2] and x[:, 1::2], contiguous: the partners of the low and high words of bfloat16 pairs."""
+    return np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _gemv_bf16_pairs(x, w_pairs, bias, y):
-    """_gemv for bfloat16 weights of even row length, viewed as uint32 pairs [n_out, n_in/2]."""
-    has_bias = bias.shape[0] > 0
-    x_even = np.ascontiguousarray(x[:, 0::2])  # [T, n_in/2] elements 0, 2, 4, ...
-    x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, n_in/2] elements 1, 3, 5, ...
-    for r in prange(w_pairs.shape[0]):
-        w_row = w_pairs[r]  # [n_in/2]
-        c = widen(bias[r]) if has_bias else np.float32(0.0)
+def _gemv(x, weights, biases, ys):
+    """ys[i] = x @ weights[i].T (+ biases[i]) for a few rows of x: one pass over every weight, their
+    rows numbered one after another and split across threads."""
+    x_even, x_odd = _even_odd(x)  # [T, n_in/2] each; used for uint32 pairs only
+    n_out = 0
+    for w in weights:
+        n_out += w.shape[0]
+    for r in prange(n_out):
+        i, row = _locate_row(weights, r)
+        w_row, bias, y = weights[i][row], biases[i], ys[i]
+        c = widen(bias[row]) if bias.shape[0] > 0 else np.float32(0.0)
         for t in range(x.shape[0]):
-            acc = _dot_bf16_pairs(w_row, x_even[t], x_odd[t])
-            y[t, r] = acc + c if has_bias else acc
+            y[t, row] = _row_dot(w_row, x[t], x_even[t], x_odd[t]) + c
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _gemv_swiglu(x, w_gate, w_up, y):
+    """y = silu(x @ w_gate.T) * (x @ w_up.T) for a few rows of x, gate and up rows read side by side."""
+    x_even, x_odd = _even_odd(x)  # [T, n_in/2] each; used for uint32 pairs only
+    for r in prange(w_gate.shape[0]):
+        for t in range(x.shape[0]):
+            g = _row_dot(w_gate[r], x[t], x_even[t], x_odd[t])
+            u = _row_dot(w_up[r], x[t], x_even[t], x_odd[t])
+            y[t, r] = silu(g) * u
 
 
 @njit(fastmath=_FASTMATH, cache=True)

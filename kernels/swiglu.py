@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from kernels.exp import exp32
 from kernels.threads import PARALLEL_MIN_ELEMENTS
 
 
@@ -26,12 +27,16 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
+def silu(g: np.float32) -> np.float32:
+    """g * sigmoid(g); exp(-g) overflows to inf for g << 0, where g / inf is the correct limit -0."""
+    return g / (np.float32(1.0) + exp32(-g))
+
+
+@njit(cache=True)
 def _silu_mul_rows(gate, up, out, start, stop):
     for t in range(start, stop):
         for f in range(gate.shape[1]):
-            g = gate[t, f]
-            # exp(-g) overflows to inf for g << 0, where g / inf is the correct limit -0
-            out[t, f] = g / (np.float32(1.0) + np.exp(-g)) * up[t, f]
+            out[t, f] = silu(gate[t, f]) * up[t, f]
 
 
 @njit(parallel=True, cache=True)

@@ -22,16 +22,22 @@ from numba.extending import intrinsic, overload
 
 
 def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
-    """A read-only view of a stored weight that the kernels accept: float16 becomes int16 words.
+    """A C-contiguous, read-only view of a stored weight that the kernels accept: float16 becomes int16 words.
 
     Read-only always, as memory-mapped weights are: Numba compiles writable and read-only arrays
-    separately, and one signature per dtype is enough.
+    separately, and one signature per dtype is enough. A memory-mapped weight is returned as it is
+    (this runs on every matrix product of every token).
     """
-    if w.dtype not in (np.float32, np.float16, np.uint16):
+    if w.dtype == np.float16:
+        w = w.view(np.int16)
+    elif w.dtype != np.float32 and w.dtype != np.uint16:
         raise TypeError(f"weights must be float32, float16 or bfloat16 words (uint16), not {w.dtype}")
-    view = w.view(np.int16 if w.dtype == np.float16 else w.dtype)
-    view.flags.writeable = False
-    return view
+    if not w.flags.c_contiguous:
+        w = np.ascontiguousarray(w)
+    if w.flags.writeable:
+        w = w.view()
+        w.flags.writeable = False
+    return w
 
 
 @intrinsic

@@ -3,15 +3,17 @@
 import numpy as np
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np.ndarray:
     """softmax(q k^T / sqrt(hd) + causal mask) v, heads grouped over shared keys (eager_attention_forward).
 
-    q: [T, H, hd], the queries of the T newest tokens; k, v: [Hkv, S, hd], the keys and values of all
-    S tokens so far, the newest T last. Query head h reads kv head h // G, as `repeat_kv` arranges,
-    without K and V being repeated in memory. Returns [T, H * hd], ready for o_proj.
+    q: [T, H, hd], the queries of the T newest tokens; keys, values: [Hkv, capacity, hd], a layer of
+    the KV cache whose first S positions hold the keys and values of all S tokens so far, the newest
+    T last. Query head h reads kv head h // G, as `repeat_kv` arranges, without K and V being
+    repeated in memory. Returns [T, H * hd], ready for o_proj.
     """
+    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd] each
     T, H, hd = q.shape
-    Hkv, S, _ = k.shape
+    Hkv = k.shape[0]
     G = H // Hkv
     past = S - T  # query t sits at position past + t
     q_grouped = q.transpose(1, 0, 2).reshape(Hkv, G * T, hd)  # [Hkv, G*T, hd]: row g*T + t

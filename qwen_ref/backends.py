@@ -14,8 +14,8 @@ import numpy as np
 
 from qwen_ref.attention import attention
 from qwen_ref.errors import QwenRefError
-from qwen_ref.linear import linear
-from qwen_ref.mlp import silu_mul
+from qwen_ref.linear import linear, linears
+from qwen_ref.mlp import swiglu
 from qwen_ref.rms_norm import rms_norm
 from qwen_ref.rope import apply_rope
 
@@ -24,13 +24,16 @@ from qwen_ref.rope import apply_rope
 class Backend:
     name: str
     linear: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]  # ([T,in], [out,in], [out]) -> [T,out]
+    linears: Callable[[np.ndarray, tuple, tuple], tuple]  # ([T,in], ([out_i,in], ...), ([out_i] | None, ...)) -> ([T,out_i], ...)
     rms_norm: Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # ([T,D], [D], eps) -> [T,D]
     apply_rope: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,n,hd], [T,hd/2] x2) -> [T,n,hd]
-    attention: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,H,hd], [Hkv,S,hd] x2) -> [T,H*hd]
-    silu_mul: Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([T,F], [T,F]) -> [T,F]
+    attention: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]  # ([T,H,hd], [Hkv,cap,hd] x2, S) -> [T,H*hd]
+    swiglu: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,D], [F,D] x2) -> [T,F]
 
 
-NUMPY = Backend("numpy", linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, silu_mul=silu_mul)
+NUMPY = Backend(
+    "numpy", linear=linear, linears=linears, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, swiglu=swiglu
+)
 
 BACKEND_NAMES = ("numpy", "numba")
 
@@ -54,8 +57,9 @@ def _numba_backend() -> Backend:
     return Backend(
         "numba",
         linear=kernels.linear,
+        linears=kernels.linears,
         rms_norm=kernels.rms_norm,
         apply_rope=kernels.apply_rope,
         attention=kernels.attention,
-        silu_mul=kernels.silu_mul,
+        swiglu=kernels.swiglu,
     )

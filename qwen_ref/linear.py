@@ -22,3 +22,10 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     if bias is not None:
         y += to_float32(bias)
     return y
+
+
+def linears(
+    x: np.ndarray, weights: tuple[np.ndarray, ...], biases: tuple[np.ndarray | None, ...]
+) -> tuple[np.ndarray, ...]:
+    """(linear(x, W, b) for each W, b): several projections of one input (q, k and v)."""
+    return tuple(linear(x, w, b) for w, b in zip(weights, biases, strict=True))

@@ -68,22 +68,25 @@ class QwenModel:
         p = f"model.layers.{i}."
 
         h = ops.rms_norm(x, W[p + "input_layernorm.weight"], cfg.rms_norm_eps)  # attn_norm [T, D]
-        q = ops.linear(h, W[p + "self_attn.q_proj.weight"], W[p + "self_attn.q_proj.bias"])  # Qcur [T, H*hd]
-        k = ops.linear(h, W[p + "self_attn.k_proj.weight"], W[p + "self_attn.k_proj.bias"])  # Kcur [T, Hkv*hd]
-        v = ops.linear(h, W[p + "self_attn.v_proj.weight"], W[p + "self_attn.v_proj.bias"])  # Vcur [T, Hkv*hd]
+        a = p + "self_attn."
+        q, k, v = ops.linears(  # Qcur [T, H*hd], Kcur and Vcur [T, Hkv*hd]: one pass over the three weights
+            h,
+            (W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"]),
+            (W[a + "q_proj.bias"], W[a + "k_proj.bias"], W[a + "v_proj.bias"]),
+        )
         q = ops.apply_rope(q.reshape(T, H, hd), cos, sin)  # [T, H, hd]
         k = ops.apply_rope(k.reshape(T, Hkv, hd), cos, sin)  # [T, Hkv, hd]
 
         end = past + T
         cache.keys[i, :, past:end] = k.transpose(1, 0, 2)  # [Hkv, T, hd]
         cache.values[i, :, past:end] = v.reshape(T, Hkv, hd).transpose(1, 0, 2)  # [Hkv, T, hd]
-        attn = ops.attention(q, cache.keys[i, :, :end], cache.values[i, :, :end])  # kqv_out [T, H*hd]
-        x = x + ops.linear(attn, W[p + "self_attn.o_proj.weight"], None)  # ffn_inp [T, D]
+        attn = ops.attention(q, cache.keys[i], cache.values[i], end)  # kqv_out [T, H*hd]
+        x = x + ops.linear(attn, W[a + "o_proj.weight"], None)  # ffn_inp [T, D]
 
         h = ops.rms_norm(x, W[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)  # ffn_norm [T, D]
-        gate = ops.linear(h, W[p + "mlp.gate_proj.weight"], None)  # ffn_gate [T, F]
-        up = ops.linear(h, W[p + "mlp.up_proj.weight"], None)  # ffn_up [T, F]
-        ffn_out = ops.linear(ops.silu_mul(gate, up), W[p + "mlp.down_proj.weight"], None)  # ffn_out [T, D]
+        m = p + "mlp."
+        act = ops.swiglu(h, W[m + "gate_proj.weight"], W[m + "up_proj.weight"])  # silu(ffn_gate) * ffn_up [T, F]
+        ffn_out = ops.linear(act, W[m + "down_proj.weight"], None)  # ffn_out [T, D]
         return x + ffn_out  # l_out [T, D]
 
 

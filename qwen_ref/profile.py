@@ -48,23 +48,33 @@ class Profile:
 
 def _matmul_name(weight_name: str, tied: bool) -> str:
     if weight_name == "lm_head.weight" or (tied and weight_name == "model.embed_tokens.weight"):
-        return "matmul lm_head"
+        return "lm_head"
     match = re.search(r"\.(\w+_proj)\.weight$", weight_name)
-    return f"matmul {match.group(1)}" if match else "matmul other"
+    return match.group(1) if match else "other"
 
 
 def profiled_backend(backend: Backend, weights: dict[str, np.ndarray], tied: bool, profile: Profile) -> Backend:
     """`backend` with every operation timed into `profile`."""
     names = {id(w): _matmul_name(name, tied) for name, w in weights.items()}
 
+    def matmuls(*ws: np.ndarray) -> str:
+        return "matmul " + "+".join(names.get(id(w), "other") for w in ws)
+
     def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        return profile.timed(names.get(id(w), "matmul other"), backend.linear)(x, w, b)
+        return profile.timed(matmuls(w), backend.linear)(x, w, b)
+
+    def linears(x: np.ndarray, ws: tuple, bs: tuple) -> tuple:
+        return profile.timed(matmuls(*ws), backend.linears)(x, ws, bs)
+
+    def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
+        return profile.timed(matmuls(w_gate, w_up) + " silu", backend.swiglu)(x, w_gate, w_up)
 
     return Backend(
         backend.name,
         linear=linear,
+        linears=linears,
         rms_norm=profile.timed("rms_norm", backend.rms_norm),
         apply_rope=profile.timed("rope", backend.apply_rope),
         attention=profile.timed("attention", backend.attention),
-        silu_mul=profile.timed("silu_mul", backend.silu_mul),
+        swiglu=swiglu,
     )

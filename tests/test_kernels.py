@@ -19,11 +19,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 import kernels
+from kernels.exp import exp32
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.linear import linear as linear_twin
+from qwen_ref.linear import linears as linears_twin
 from qwen_ref.mlp import silu_mul as silu_mul_twin
+from qwen_ref.mlp import swiglu as swiglu_twin
 from qwen_ref.rms_norm import rms_norm as rms_norm_twin
 from qwen_ref.rope import apply_rope as apply_rope_twin
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
@@ -64,6 +68,30 @@ def test_float16_widening_matches_numpy_for_all_65536_words_including_subnormals
     out = np.empty(words.shape, dtype=np.float32)
     kernels.widen_rows(words.view(np.int16), out)  # float16 reaches the kernels as int16 words
     np.testing.assert_array_equal(out.view(np.uint32), words.astype(np.float32).view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# exp, used by attention and the SwiGLU gate
+
+
+@njit
+def _exp32_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp32(x[i])  # in a loop, as the kernels call it, so the vectorised code is what is tested
+
+
+def test_exp32_is_within_one_ulp_of_float64_exp_from_underflow_to_overflow():
+    specials = [np.nan, np.inf, -np.inf, 0.0, -0.0, 88.72283, 88.7229, -87.33655, -103.97, -103.98, 1e-30, -1e-30]
+    x = np.concatenate([np.linspace(-104, 89, 20_000_001, dtype=np.float32), np.array(specials, dtype=np.float32)])
+    got = np.empty_like(x)
+    _exp32_all(x, got)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64)).astype(np.float32)  # correctly rounded to float32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # overflow at the same x
+    finite = np.isfinite(want)
+    ulps = np.abs(got[finite].view(np.int32).astype(np.int64) - want[finite].view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1  # subnormal results count in ulps of the subnormal spacing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +155,65 @@ def test_linear_of_a_long_matrix_reduces_in_column_blocks_over_many_weight_tiles
         got = kernels.linear(rows, weight, bias)
         bound = sum_order_bound(np.abs(rows), np.abs(to_float32(weight)), np.abs(to_float32(bias)))
         assert np.all(np.abs(got - linear_twin(rows, weight, bias)) <= bound)  # dot products of 2100 terms
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.sampled_from([1, 1, 2, 3, 4, 9]),
+    n_in=st.integers(1, 130),
+    n_outs=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    dtype=st.sampled_from(STORED_DTYPES),
+    with_bias=st.booleans(),
+    seed=seeds,
+)
+def test_linears_match_numpy_twin_for_every_projection(T, n_in, n_outs, dtype, with_bias, seed):
+    # q, k and v in one pass: the rows of all weights are numbered one after another and split
+    # across threads, so every row of every output must land in the right place
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, n_in), dtype=np.float32)
+    weights = tuple(stored(rng.standard_normal((n, n_in)), dtype) for n in n_outs)
+    biases = tuple(stored(rng.standard_normal(n), dtype) if with_bias else None for n in n_outs)
+    got = kernels.linears(x, weights, biases)
+    want = linears_twin(x, weights, biases)
+    assert len(got) == len(n_outs)
+    for g, w_, weight, bias in zip(got, want, weights, biases):
+        assert g.shape == w_.shape == (T, weight.shape[0])
+        b32 = np.abs(to_float32(bias)) if with_bias else 0.0
+        assert np.all(np.abs(g - w_) <= sum_order_bound(np.abs(x), np.abs(to_float32(weight)), b32))
+
+
+def test_linears_refuse_weights_of_different_dtypes():
+    x = np.ones((1, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.linears(x, (stored(np.ones((2, 4)), "F32"), stored(np.ones((2, 4)), "BF16")), (None, None))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.sampled_from([1, 1, 2, 3, 4, 7]),
+    D=st.integers(1, 130),
+    F=st.integers(1, 150),
+    dtype=st.sampled_from(STORED_DTYPES),
+    seed=seeds,
+)
+def test_swiglu_matches_numpy_twin(T, D, F, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, D), dtype=np.float32)
+    w_gate, w_up = stored(rng.standard_normal((F, D)), dtype), stored(rng.standard_normal((F, D)), dtype)
+    got = kernels.swiglu(x, w_gate, w_up)
+    want = swiglu_twin(x, w_gate, w_up)
+    assert got.shape == (T, F)
+    # gate g and up u each carry the dot-product bound e_g, e_u; |silu'| <= 1.1, so the product is off
+    # by at most 1.1 e_g |u| + |silu(g)| e_u (+ e_g e_u), plus the exp/division/product rounding of
+    # the silu_mul test (16 U relative)
+    abs_x = np.abs(x)
+    e_g = sum_order_bound(abs_x, np.abs(to_float32(w_gate)), 0.0)
+    e_u = sum_order_bound(abs_x, np.abs(to_float32(w_up)), 0.0)
+    gate = linear_twin(x, w_gate)
+    up = linear_twin(x, w_up)
+    silu = np.abs(gate) + e_g  # |silu(g)| <= |g|
+    bound = 1.1 * e_g * (np.abs(up) + e_u) + silu * e_u + 16 * U * np.abs(want) + 1e-37
+    assert np.all(np.abs(got - want) <= bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,16 +283,16 @@ def test_silu_mul_matches_numpy_twin(T, F, scale, seed):
 
 
 def attention_case(rng, T, past, Hkv, G, hd, spare, score_scale):
-    """q [T, H, hd] and k, v [Hkv, S, hd] views of layer 1 of a [2, Hkv, capacity, hd] cache."""
+    """q [T, H, hd], layer 1 of a [2, Hkv, capacity, hd] keys and values cache, and S = past + T."""
     S = past + T
     capacity = S + spare
     keys = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
     values = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
     q = (score_scale * rng.standard_normal((T, Hkv * G, hd))).astype(np.float32)  # [T, H, hd]
-    return q, keys[1, :, :S], values[1, :, :S]
+    return q, keys[1], values[1], S
 
 
-def attention_bound(q, k, v):
+def attention_bound(q, keys, values, S):
     """Largest gap, per output element, between two float32 evaluations of causal softmax(q k^T s) v.
 
     A score is a dot product of hd terms, off by at most (hd + 1) U s |q|.|k| on each side. An error
@@ -213,8 +300,9 @@ def attention_bound(q, k, v):
     from each side. Subtracting the maximum, exp, the normalisation and the weighted sum over S
     values (recursive, with online rescaling every key block) add at most (3 S + 16) U max|v|.
     """
+    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd]
     T, H, hd = q.shape
-    Hkv, S, _ = k.shape
+    Hkv = k.shape[0]
     G = H // Hkv
     scale = hd**-0.5
     abs_q = np.abs(q.astype(np.float64)).transpose(1, 0, 2)  # [H, T, hd]
@@ -237,13 +325,12 @@ def attention_bound(q, k, v):
     score_scale=st.sampled_from([0.1, 1.0, 4.0]),
     seed=seeds,
 )
-def test_attention_matches_numpy_twin_on_strided_cache_views(T, past, Hkv, G, hd, spare, score_scale, seed):
-    q, k, v = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale)
-    assert spare == 0 or Hkv == 1 or not k.flags.c_contiguous  # heads of a cache slice are capacity*hd apart
-    got = kernels.attention(q, k, v)
-    want = attention_twin(q, k, v)
+def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, seed):
+    q, keys, values, S = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale)
+    got = kernels.attention(q, keys, values, S)
+    want = attention_twin(q, keys, values, S)
     assert got.shape == (T, Hkv * G * hd)
-    assert np.all(np.abs(got - want) <= attention_bound(q, k, v))
+    assert np.all(np.abs(got - want) <= attention_bound(q, keys, values, S))
 
 
 @pytest.mark.parametrize(
@@ -252,25 +339,29 @@ def test_attention_matches_numpy_twin_on_strided_cache_views(T, past, Hkv, G, hd
 def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G):
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
     # with any number of threads (2 to 4 ranges here even on one thread)
-    q, k, v = attention_case(np.random.default_rng(past), T, past, Hkv, G, 64, 5, 2.0)
-    got = kernels.attention(q, k, v)
-    assert np.all(np.abs(got - attention_twin(q, k, v)) <= attention_bound(q, k, v))
+    q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, 64, 5, 2.0)
+    got = kernels.attention(q, keys, values, S)
+    assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
 
 
-def test_attention_accepts_views_whose_rows_are_not_contiguous():
+def test_attention_accepts_caches_that_are_not_contiguous():
     rng = np.random.default_rng(4)
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
-    k = rng.standard_normal((2, 8, 11), dtype=np.float32).transpose(0, 2, 1)  # [Hkv, S, hd], hd strided
-    v = rng.standard_normal((11, 2, 8), dtype=np.float32).transpose(1, 0, 2)[::-1]  # heads reversed
-    assert np.all(np.abs(kernels.attention(q, k, v) - attention_twin(q, k, v)) <= attention_bound(q, k, v))
+    k = rng.standard_normal((2, 8, 14), dtype=np.float32).transpose(0, 2, 1)  # [Hkv, capacity, hd], hd strided
+    v = rng.standard_normal((14, 2, 8), dtype=np.float32).transpose(1, 0, 2)[::-1]  # heads reversed
+    got = kernels.attention(q, k, v, 11)
+    assert np.all(np.abs(got - attention_twin(q, k, v, 11)) <= attention_bound(q, k, v, 11))
 
 
-def test_attention_does_not_write_into_the_cache():
-    q, k, v = attention_case(np.random.default_rng(3), 4, 20, 2, 2, 8, 3, 1.0)
-    k_before, v_before = k.copy(), v.copy()
-    kernels.attention(q, k, v)
-    np.testing.assert_array_equal(k, k_before)
-    np.testing.assert_array_equal(v, v_before)
+def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache():
+    q, keys, values, S = attention_case(np.random.default_rng(3), 4, 20, 2, 2, 8, 3, 1.0)
+    keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
+    k_before, v_before = keys.copy(), values.copy()
+    got = kernels.attention(q, keys, values, S)
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
+    np.testing.assert_array_equal(keys, k_before)
+    np.testing.assert_array_equal(values, v_before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +406,7 @@ _SMOKE = textwrap.dedent(
     import numpy as np
     import kernels
     from qwen_ref.backends import NUMPY
+    from qwen_ref.mlp import silu_mul as silu_mul_twin
 
     rng = np.random.default_rng(0)
     def ro(a):
@@ -327,15 +419,18 @@ _SMOKE = textwrap.dedent(
         b = ro(w[:, 0].copy())
         for rows in (x[:1], x):
             worst = max(worst, np.abs(kernels.linear(rows, w, b) - NUMPY.linear(rows, w, b)).max())
+            for got, want in zip(kernels.linears(rows, (w, w), (b, None)), NUMPY.linears(rows, (w, w), (b, None))):
+                worst = max(worst, np.abs(got - want).max())
+            worst = max(worst, np.abs(kernels.swiglu(rows, w, w) - NUMPY.swiglu(rows, w, w)).max())
         worst = max(worst, np.abs(kernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
     cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
-    k, v = cache[0, :, :5], cache[1, :, :5]
-    worst = max(worst, np.abs(kernels.attention(q, k, v) - NUMPY.attention(q, k, v)).max())
-    worst = max(worst, np.abs(kernels.attention(q[:1], k, v) - NUMPY.attention(q[:1], k, v)).max())
+    k, v = cache[0], cache[1]
+    worst = max(worst, np.abs(kernels.attention(q, k, v, 5) - NUMPY.attention(q, k, v, 5)).max())
+    worst = max(worst, np.abs(kernels.attention(q[:1], k, v, 5) - NUMPY.attention(q[:1], k, v, 5)).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
     worst = max(worst, np.abs(kernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
-    worst = max(worst, np.abs(kernels.silu_mul(x, x) - NUMPY.silu_mul(x, x)).max())
+    worst = max(worst, np.abs(kernels.silu_mul(x, x) - silu_mul_twin(x, x)).max())
     print("worst", worst)
     """
 )

@@ -448,10 +448,19 @@ class OpTimer:
         def cost_linear(x, w, b=None):
             return self.weight_labels.get(id(w), "linear (other)"), w.nbytes, 2.0 * x.shape[0] * w.size
 
-        def cost_attention(q, k, v):
+        def cost_linears(x, ws, bs):
+            label = "+".join(self.weight_labels.get(id(w), "linear (other)") for w in ws)
+            return label, sum(w.nbytes for w in ws), sum(2.0 * x.shape[0] * w.size for w in ws)
+
+        def cost_swiglu(x, w_gate, w_up):
+            label = "swiglu: " + "+".join(self.weight_labels.get(id(w), "linear (other)") for w in (w_gate, w_up))
+            return label, w_gate.nbytes + w_up.nbytes, 4.0 * x.shape[0] * w_gate.size
+
+        def cost_attention(q, keys, values, S):
             T, H, hd = q.shape
-            keys_seen = T * k.shape[1] - T * (T - 1) / 2  # causal: query t sees S - T + t + 1 keys
-            return "attention", k.nbytes + v.nbytes, 4.0 * H * hd * keys_seen
+            keys_seen = T * S - T * (T - 1) / 2  # causal: query t sees S - T + t + 1 keys
+            kv_bytes = 2 * keys.shape[0] * S * hd * keys.itemsize
+            return "attention", kv_bytes, 4.0 * H * hd * keys_seen
 
         def cost_elementwise(label):
             return lambda x, *rest: (label, x.nbytes, 0.0)
@@ -459,10 +468,11 @@ class OpTimer:
         return dataclasses.replace(
             inner,
             linear=self._wrap(inner.linear, cost_linear),
+            linears=self._wrap(inner.linears, cost_linears),
+            swiglu=self._wrap(inner.swiglu, cost_swiglu),
             attention=self._wrap(inner.attention, cost_attention),
             rms_norm=self._wrap(inner.rms_norm, cost_elementwise("rms_norm")),
             apply_rope=self._wrap(inner.apply_rope, cost_elementwise("apply_rope")),
-            silu_mul=self._wrap(inner.silu_mul, cost_elementwise("silu_mul")),
         )
 
     def _wrap(self, fn, cost):
@@ -1052,7 +1062,7 @@ def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
         row = [label]
         for m in decode:
             op = m["ops"].get(label, {})
-            gbs = op.get("GB/s") if op.get("GB/s", 0) > 0 and label not in ("rms_norm", "apply_rope", "silu_mul") else None
+            gbs = op.get("GB/s") if op.get("GB/s", 0) > 0 and label not in ("rms_norm", "apply_rope") else None
             row.append(f"{_f(op.get('ms'))} ms, {_pct(op.get('share'))}" + (f", {_f(gbs)} GB/s" if gbs else ""))
         rows.append(row)
     lines += _table(["op", *[f"context {m['context']}" for m in decode]], rows) + [""]

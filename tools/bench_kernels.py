@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import kernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
+from qwen_ref.mlp import silu_mul as silu_mul_twin  # noqa: E402
 from bench import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
@@ -108,11 +109,11 @@ def bench_attention(repeats: int) -> None:
         S, hd = past + T, 64
         cache = rng.standard_normal((2, Hkv, S + 100, hd), dtype=np.float32)  # keys, values [Hkv, capacity, hd]
         q = rng.standard_normal((T, Hkv * G, hd), dtype=np.float32)
-        k, v = cache[0, :, :S], cache[1, :, :S]
+        k, v = cache[0], cache[1]
         pairs = Hkv * G * (T * past + T * (T + 1) / 2) / 1e6  # (query, key) pairs scored
         name = f"attention T={T} S={S} Hkv={Hkv} G={G}"
-        report(f"{name}: numba", lambda: kernels.attention(q, k, v), repeats, pairs, "Mpair/s")
-        report(f"{name}: numpy twin", lambda: NUMPY.attention(q, k, v), max(3, repeats // 4), pairs, "Mpair/s")
+        report(f"{name}: numba", lambda: kernels.attention(q, k, v, S), repeats, pairs, "Mpair/s")
+        report(f"{name}: numpy twin", lambda: NUMPY.attention(q, k, v, S), max(3, repeats // 4), pairs, "Mpair/s")
 
 
 def bench_small(repeats: int) -> None:
@@ -130,8 +131,9 @@ def bench_small(repeats: int) -> None:
             (f"silu_mul [{T},2816]", (gate, up), gate.size),
         ]:
             op = name.split()[0]
+            twin = silu_mul_twin if op == "silu_mul" else getattr(NUMPY, op)
             report(f"{name}: numba", lambda: getattr(kernels, op)(*args), n, size / 1e6, "Melem/s")
-            report(f"{name}: numpy twin", lambda: getattr(NUMPY, op)(*args), n, size / 1e6, "Melem/s")
+            report(f"{name}: numpy twin", lambda: twin(*args), n, size / 1e6, "Melem/s")
 
 
 # Calls every kernel once on tiny inputs of the types the model passes, and prints the seconds taken.
@@ -146,9 +148,10 @@ for w in (rng.standard_normal((5, 8), dtype=np.float32), rng.standard_normal((5,
           (rng.standard_normal((5, 8), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)):
     w.setflags(write=False)
     kernels.linear(x[:1], w, w[:, 0].copy()); kernels.linear(x, w, None); kernels.rms_norm(x, w[0], 1e-6)
+    kernels.linears(x[:1], (w, w), (None, None)); kernels.swiglu(x[:1], w, w); kernels.swiglu(x, w, w)
 q = rng.standard_normal((5, 4, 8), dtype=np.float32)
 cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
-kernels.attention(q, cache[0, :, :5], cache[1, :, :5])
+kernels.attention(q, cache[0], cache[1], 5)
 kernels.apply_rope(q, x[:, :4], x[:, :4])
 kernels.silu_mul(x, x)
 print(time.perf_counter() - start)
