@@ -74,36 +74,36 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _dot(a, b):
-    acc = np.float32(0.0)
-    for d in range(a.shape[0]):
-        acc += a[d] * b[d]
-    return acc
+def _score(query, keys, b0, nb, weights):
+    """weights[b] = query . keys[b0 + b] over b < nb: four keys per pass over the query."""
+    for b in range(0, nb - 3, 4):
+        k0, k1, k2, k3 = keys[b0 + b], keys[b0 + b + 1], keys[b0 + b + 2], keys[b0 + b + 3]  # [hd] each
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for d in range(query.shape[0]):
+            s0 += query[d] * k0[d]
+            s1 += query[d] * k1[d]
+            s2 += query[d] * k2[d]
+            s3 += query[d] * k3[d]
+        weights[b], weights[b + 1], weights[b + 2], weights[b + 3] = s0, s1, s2, s3
+    for b in range(nb - nb % 4, nb):
+        key, s0 = keys[b0 + b], np.float32(0.0)
+        for d in range(query.shape[0]):
+            s0 += query[d] * key[d]
+        weights[b] = s0
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _dot4(a, b0, b1, b2, b3):
-    """Four dot products of a with b0..b3, sharing the loads of a."""
-    c0 = c1 = c2 = c3 = np.float32(0.0)
-    for d in range(a.shape[0]):
-        c0 += a[d] * b0[d]
-        c1 += a[d] * b1[d]
-        c2 += a[d] * b2[d]
-        c3 += a[d] * b3[d]
-    return c0, c1, c2, c3
-
-
-@njit(fastmath=_FASTMATH, cache=True)
-def _add_weighted4(acc, p0, v0, p1, v1, p2, v2, p3, v3):
-    """acc += p0 v0 + p1 v1 + p2 v2 + p3 v3: one load and store of acc per four value rows."""
-    for d in range(acc.shape[0]):
-        acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-
-
-@njit(fastmath=_FASTMATH, cache=True)
-def _add_weighted(acc, p, v):
-    for d in range(acc.shape[0]):
-        acc[d] += p * v[d]
+def _add_weighted(out, weights, values, b0, nb):
+    """out += sum_b weights[b] values[b0 + b] over b < nb: four value rows per load and store of out."""
+    for b in range(0, nb - 3, 4):
+        p0, p1, p2, p3 = weights[b], weights[b + 1], weights[b + 2], weights[b + 3]
+        v0, v1, v2, v3 = values[b0 + b], values[b0 + b + 1], values[b0 + b + 2], values[b0 + b + 3]  # [hd] each
+        for d in range(out.shape[0]):
+            out[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+    for b in range(nb - nb % 4, nb):
+        p, v = weights[b], values[b0 + b]
+        for d in range(out.shape[0]):
+            out[d] += p * v[d]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -147,13 +147,7 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
                     if nb <= 0:
                         continue
                     query, weights, out = q[t, j * G + h], scores[i], acc_run[i]  # [hd], [block], [hd]
-                    for b in range(0, nb - 3, 4):
-                        s0, s1, s2, s3 = _dot4(
-                            query, keys[b0 + b], keys[b0 + b + 1], keys[b0 + b + 2], keys[b0 + b + 3]
-                        )
-                        weights[b], weights[b + 1], weights[b + 2], weights[b + 3] = s0, s1, s2, s3
-                    for b in range(nb - nb % 4, nb):
-                        weights[b] = _dot(query, keys[b0 + b])
+                    _score(query, keys, b0, nb, weights)
                     block_max = np.float32(-np.inf)
                     for b in range(nb):
                         weights[b] *= scale  # after the dot product, as the twin scales
@@ -167,16 +161,7 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
                         weights[b] = exp32(weights[b] - m_new)
                         row_sum += weights[b]
                     m_run[i], l_run[i] = m_new, row_sum
-                    for b in range(0, nb - 3, 4):
-                        _add_weighted4(
-                            out,
-                            weights[b], values[b0 + b],
-                            weights[b + 1], values[b0 + b + 1],
-                            weights[b + 2], values[b0 + b + 2],
-                            weights[b + 3], values[b0 + b + 3],
-                        )
-                    for b in range(nb - nb % 4, nb):
-                        _add_weighted(out, weights[b], values[b0 + b])
+                    _add_weighted(out, weights, values, b0, nb)
             for i in range(rows):
                 t, h = divmod(r0 + i, G)
                 m[split, t, j * G + h] = m_run[i]
