@@ -96,9 +96,10 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
 def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
     """The weight as the kernels read it; for the GEMV, bfloat16 rows of even length as uint32 pairs."""
     w = as_kernel_dtype(w)  # [n_out, n_in]
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"linear: x {x.shape} and weight {w.shape} do not chain")
-    if gemv and w.dtype == np.uint16 and w.shape[1] % 2 == 0:
+    shape = w.shape
+    if len(shape) != 2 or x.ndim != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"linear: x {x.shape} and weight {shape} do not chain")
+    if gemv and shape[1] % 2 == 0 and w.dtype.char == "H":
         return w.view(np.uint32)  # [n_out, n_in/2]
     return w
 
@@ -106,16 +107,16 @@ def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
 def _kernel_bias(b: np.ndarray | None, kernel_w: np.ndarray) -> np.ndarray:
     """The bias as stored words, or an empty array of the stored type (no separate compilation for
     "no bias"). The bias of uint32 pairs is made of uint16 (bfloat16) words."""
-    stored = np.dtype(np.uint16) if kernel_w.dtype == np.uint32 else kernel_w.dtype
+    stored = "H" if kernel_w.dtype.char == "I" else kernel_w.dtype.char
     if b is None:
         return _NO_BIAS[stored]
     b = as_kernel_dtype(b)  # [n_out]
-    if b.shape != (len(kernel_w),) or b.dtype != stored:
+    if b.dtype.char != stored or b.shape != (len(kernel_w),):
         raise ValueError(f"linear: bias {b.shape} {b.dtype} does not match weight {kernel_w.shape} {kernel_w.dtype}")
     return b
 
 
-_NO_BIAS = {as_kernel_dtype(e).dtype: as_kernel_dtype(e) for e in (np.empty(0, t) for t in (np.float32, np.uint16, np.float16))}
+_NO_BIAS = {a.dtype.char: a for a in (as_kernel_dtype(np.empty(0, t)) for t in (np.float32, np.uint16, np.float16))}
 
 
 @njit(fastmath=_FASTMATH, cache=True)

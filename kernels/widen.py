@@ -25,17 +25,17 @@ def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
     """A C-contiguous, read-only view of a stored weight that the kernels accept: float16 becomes int16 words.
 
     Read-only always, as memory-mapped weights are: Numba compiles writable and read-only arrays
-    separately, and one signature per dtype is enough. A memory-mapped weight is returned as it is
-    (this runs on every matrix product of every token).
+    separately, and one signature per dtype is enough. A memory-mapped weight comes back as it is:
+    this runs for every weight of every token, so it tests the cheap attributes first.
     """
-    if w.dtype == np.float16:
+    kind = w.dtype.char  # f: float32, H: uint16 (bfloat16 words), e: float16
+    if kind == "e":
         w = w.view(np.int16)
-    elif w.dtype != np.float32 and w.dtype != np.uint16:
+    elif kind != "f" and kind != "H":
         raise TypeError(f"weights must be float32, float16 or bfloat16 words (uint16), not {w.dtype}")
-    if not w.flags.c_contiguous:
-        w = np.ascontiguousarray(w)
-    if w.flags.writeable:
-        w = w.view()
+    flags = w.flags
+    if flags.writeable or not flags.c_contiguous:
+        w = np.ascontiguousarray(w).view()
         w.flags.writeable = False
     return w
 
