@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import kernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
 from qwen_ref.mlp import silu_mul as silu_mul_twin  # noqa: E402
-from bench import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
+from bench_workers import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
 

@@ -1,0 +1,255 @@
+"""BENCHMARKS.md from the results of tools/bench.py (results.json with its derived figures): the
+machine, the targets, the ceilings, tables of decode, prefill, context length, backends and threads,
+the op-by-op profile and the method; and the number formats the progress lines use too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from bench_plan import NOISY_CORES, Plan
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 10 ** digits:
+        return f"{x:.0f}"
+    return f"{x:.{max(0, digits - 1 - int(np.floor(np.log10(abs(x)))))}f}" if x else "0"
+
+
+def _range(m: dict | None) -> str:
+    if not m:
+        return "—"
+    if "error" in m:
+        return "failed"
+    return f"{_f(m['median'])} ({_f(m['min'])}–{_f(m['max'])})"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def _x(x) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def _gb(n) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def _busy(m: dict | None) -> str:
+    """⚠ and the cores other processes (or the hypervisor) took during a measurement, when that was >= 0.2."""
+    if not m:
+        return ""
+    taken = m.get("other_cores", 0) + m.get("steal_cores", 0)
+    return f" ⚠{taken:.1f}" if taken >= 0.2 else ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results: dict, plan: Plan) -> str:
+    M, threads = results["measurements"], results["threads"]
+    t = f"{threads}t"
+    runs = [*results.get("earlier_runs", []), results]  # --only reruns merge into an earlier run's results
+    lines = ["# qwen-ref benchmarks", "",
+             "Measured by " + ", then ".join(f"`{r['command']}` ({r['started']} to {r['finished']})" for r in runs)
+             + ". Regenerate with `python tools/bench.py` (all options: `--help`); a rerun of some workloads "
+             "(`--only`) replaces just their measurements.", ""]
+    mach, ver = results["machine"], results["versions"]
+    lines += [f"**Machine**: {mach['cpu_model']}, {mach['cores_available']} cores available, "
+              f"{mach['memory_gb']:.0f} GB, Linux {mach['kernel']}; transparent huge pages `{mach['thp']}`. "
+              f"SIMD flags: {', '.join(mach['simd_flags'])}.", "",
+              "**Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".", "",
+              f"**Threads**: {threads} unless a name ends in `1t` (qwen-ref: `qwen_ref.threads.set_threads`; "
+              "transformers: `torch.set_num_threads`).", ""]
+    uses_kernels = {n: m.get("kernels_sha") for n, m in M.items() if m["kind"] == "profile"
+                    or (m["kind"].startswith("qwen_") and m["spec"].get("backend") == "numba")}
+    versions_seen = defaultdict(list)
+    for n, digest in uses_kernels.items():
+        versions_seen[digest].append(n)
+    if len(versions_seen) > 1:
+        lines += ["**Note**: `kernels/` changed while this was measured: " + "; ".join(
+            f"version {d} ran {len(ns)} of the numba measurements" for d, ns in versions_seen.items())
+            + " (each measurement in results.json records its `kernels_sha`).", ""]
+    busy = [n for n, m in M.items() if _busy(m)]
+    redone = sum(len(m.get("discarded", [])) for m in M.values())
+    lines += [f"**Noise**: each timed repeat records the CPU other processes used meanwhile (/proc/stat); "
+              f"{redone} repeats were discarded and measured again after the machine went quiet because others "
+              f"used > {NOISY_CORES} cores. " + (f"{len(busy)} measurements still averaged >= 0.2 busy cores: marked "
+              "⚠ with that load; treat them as lower bounds." if busy else "No kept measurement averaged >= 0.2 busy cores."), ""]
+
+    lines += ["## Targets", ""]
+    rows = []
+    for tg in results["targets"]:
+        fmt = _x if "x transformers" in tg["target"] else _pct
+        value = tg["value"] if isinstance(tg["value"], str) else fmt(tg["value"])
+        verdict = {True: "**met**", False: "**not met**", None: "not measured"}[tg["met"]]
+        rows.append([tg["target"], value, "" if tg["threshold"] is None else f"{tg['op']} {fmt(tg['threshold'])}", verdict])
+    lines += _table(["target", "measured", "threshold", ""], rows) + [""]
+
+    lines += ["## Ceilings of this machine (measured in this run)", "",
+              "Streaming read: a Numba `prange` over the rows of a float32 array, summing each row once (the "
+              "access pattern of a GEMV), median of repeats. `anon`: a 1 GiB NumPy array (NumPy asks for huge "
+              "pages); `mmap-file`: the 0.5B bf16 checkpoint file mapped as qwen-ref maps its weights "
+              "(`qwen_ref.weights.map_file`).", ""]
+    rows = [[f"{kind}{when}", *[_range(M.get(f"ceiling/{label}/{kind}/{n}t")) + _busy(M.get(f"ceiling/{label}/{kind}/{n}t"))
+                                for n in sorted({1, threads})]]
+            for label, when in (("bandwidth", ""), ("bandwidth-end", ", again at the end"))
+            for kind in ("anon", "mmap-file") if any(M.get(f"ceiling/{label}/{kind}/{n}t") for n in (1, threads))]
+    lines += _table(["read bandwidth, GB/s", *[f"{n} thread(s)" for n in sorted({1, threads})]], rows) + [""]
+    rows = []
+    for shape in plan.shapes:
+        for P in plan.prefill_prompts:
+            rows.append([f"{shape} layer, T={P}", *[_range(M.get(f"ceiling/gemm/{shape}/T{P}/{n}t")) for n in sorted({1, threads})]])
+    blas = next((m.get("blas") for m in M.values() if m.get("blas")), None)
+    lines += ["Float32 GEMM: NumPy's BLAS (" + (", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
+              for b in blas) if blas else "?") + ") on the seven products of one decoder layer, `x[T, n_in] @ W.T`.", ""]
+    lines += _table(["GEMM GFLOP/s", *[f"{n} thread(s)" for n in sorted({1, threads})]], rows) + [""]
+    lines += ["Decode ceiling = bytes a step reads / `anon` bandwidth (the higher median of the start and the end "
+              "of the run): every layer matrix, bias and norm, the final "
+              "norm, the LM head (for a tied model the embedding matrix, read as the head), one embedding row, and "
+              "the KV cache at the step's context (keys and values, float32 in qwen-ref: 2 x L x Hkv x hd x 4 bytes "
+              "per position; transformers keeps its cache in the model dtype). Prefill ceiling = GEMM GFLOP/s at the "
+              "prompt's T / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
+              "only) + 4 x L x H x hd x (T + 1) / 2 (causal attention).", ""]
+
+    lines += ["## Decode", "", f"Greedy, {plan.prompt}-token prompt, {plan.new_tokens} new tokens per repeat "
+              f"({plan.slow_new_tokens} for 1.8B in float32, qwen-ref and transformers); tokens/s of the steps after "
+              "the first token, prefill excluded; median (min–max) of the repeats. transformers loads the bf16 "
+              "checkpoint and converts it to the dtype named. vs HF: qwen-ref tokens/s / transformers tokens/s.", ""]
+    rows = []
+    for shape in plan.shapes:
+        for dtype in plan.dtypes:
+            m = M.get(f"qwen-ref/numba/{shape}-{dtype}/decode/{t}")
+            if not m:
+                continue
+            rows.append([f"{shape} {dtype}", _range(m) + _busy(m), _gb(m.get("bytes_per_token", {}).get("total")),
+                         _f(m.get("ceiling")), _pct(m.get("fraction_of_ceiling")), _x(m.get("vs_transformers_float32")),
+                         _x(m.get("vs_transformers_bfloat16")), _gb(m.get("peak_rss_bytes")), _gb(m.get("rss_budget_bytes"))])
+        for torch_dtype in ("float32", "bfloat16"):
+            m = M.get(f"transformers/{torch_dtype}/{shape}/decode/{t}")
+            if m:
+                rows.append([f"{shape} transformers {torch_dtype}", _range(m) + _busy(m),
+                             _gb(m.get("bytes_per_token", {}).get("total")), _f(m.get("ceiling")),
+                             _pct(m.get("fraction_of_ceiling")), "", "", _gb(m.get("peak_rss_bytes")), ""])
+    lines += _table(["model, storage", "tokens/s", "bytes/token", "ceiling tok/s", "of ceiling", "vs HF f32",
+                     "vs HF bf16", "peak RSS", "RSS budget"], rows) + [""]
+
+    for P in plan.prefill_prompts:
+        lines += [f"## Prefill, {P}-token prompt", "", "One prompt into an empty cache, logits of the last position "
+                  "only (as generation needs them); tokens/s, median (min–max).", ""]
+        rows = []
+        for shape in plan.shapes:
+            for dtype in plan.dtypes:
+                m = M.get(f"qwen-ref/numba/{shape}-{dtype}/prefill-{P}/{t}")
+                if m:
+                    rows.append([f"{shape} {dtype}", _range(m) + _busy(m), _f(m.get("flops_per_token", 0) / 1e9),
+                                 _f(m.get("ceiling")), _pct(m.get("fraction_of_ceiling")),
+                                 _x(m.get("vs_transformers_float32")), _x(m.get("vs_transformers_bfloat16")),
+                                 _gb(m.get("peak_rss_bytes"))])
+            for torch_dtype in ("float32", "bfloat16"):
+                m = M.get(f"transformers/{torch_dtype}/{shape}/prefill-{P}/{t}")
+                if m:
+                    rows.append([f"{shape} transformers {torch_dtype}", _range(m) + _busy(m), "", _f(m.get("ceiling")),
+                                 _pct(m.get("fraction_of_ceiling")), "", "", _gb(m.get("peak_rss_bytes"))])
+        lines += _table(["model, storage", "tokens/s", "GFLOP/token", "ceiling tok/s", "of ceiling", "vs HF f32",
+                         "vs HF bf16", "peak RSS"], rows) + [""]
+
+    lines += [f"## Decode against context length ({plan.headline})", "",
+              f"The KV cache is filled with {plan.contexts} positions of random keys and values "
+              "(`cache.keys[:, :, :ctx] = ...; cache.length = ctx`) instead of prefilling that many real tokens: "
+              "a decode step's cost does not depend on the values. transformers gets a DynamicCache filled the same "
+              f"way. {plan.context_new_tokens} new tokens per repeat ({plan.hf_context_new_tokens} for transformers, which "
+              "copies its whole cache at every step). The attention share comes from the op profile below.", ""]
+    rows = []
+    for ctx in plan.contexts:
+        m = M.get(f"qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}/{t}")
+        if not m:
+            continue
+        b = m.get("bytes_per_token", {})
+        prof = M.get(f"profile/numba/{plan.headline}/decode-ctx-{ctx}/{t}", {}).get("ops", {})
+        hf = M.get(f"transformers/float32/{plan.headline.split('-')[0]}/decode-ctx-{ctx}/{t}")
+        rows.append([str(ctx), _range(m) + _busy(m), _gb(b.get("weights")), _gb(b.get("kv_cache")),
+                     _pct(b["kv_cache"] / b["total"]) if b else "—", _f(m.get("ceiling")), _pct(m.get("fraction_of_ceiling")),
+                     _pct(prof.get("attention", {}).get("share")), _range(hf), _x(m.get("vs_transformers_float32")),
+                     _gb(m.get("peak_rss_bytes")), _gb(m.get("rss_budget_bytes"))])
+    lines += _table(["context", "tokens/s", "weights/token", "KV cache/token", "KV share of bytes", "ceiling tok/s",
+                     "of ceiling", "attention share of time", "HF f32 tok/s", "vs HF f32", "peak RSS", "RSS budget"], rows) + [""]
+
+    lines += [f"## Backends and threads ({plan.headline})", ""]
+    rows = []
+    base, last = f"qwen-ref/{{}}/{plan.headline}", f"prefill-{plan.prefill_prompts[-1]}"
+    for name in dict.fromkeys([f"{base.format('numba')}/decode/{t}", f"{base.format('numpy')}/decode/{t}",
+                               f"{base.format('numba')}/decode/1t", f"{base.format('numba')}/{last}/{t}",
+                               f"{base.format('numba')}/{last}/1t"]):
+        m = M.get(name)
+        if m:
+            rows.append([f"`{name}`", _range(m) + _busy(m), _f(m.get("ceiling")), _pct(m.get("fraction_of_ceiling")),
+                         _x(m.get("vs_transformers_float32"))])
+    lines += _table(["measurement", "tokens/s", "ceiling tok/s", "of ceiling", "vs HF f32 (same threads)"], rows) + [""]
+    nb, npy = M.get(f"qwen-ref/numba/{plan.headline}/decode/{t}"), M.get(f"qwen-ref/numpy/{plan.headline}/decode/{t}")
+    if nb and npy and "error" not in nb and "error" not in npy:
+        lines += [f"numba / numpy decode: **{nb['median'] / npy['median']:.1f}x**.", ""]
+    for work in ("decode", f"prefill-{plan.prefill_prompts[-1]}"):
+        one, many = M.get(f"qwen-ref/numba/{plan.headline}/{work}/1t"), M.get(f"qwen-ref/numba/{plan.headline}/{work}/{t}")
+        if threads > 1 and one and many and "error" not in one and "error" not in many:
+            lines += [f"{work}: {threads} threads / 1 thread = **{many['median'] / one['median']:.2f}x**.", ""]
+
+    lines += _profile_section(M, plan, t)
+    lines += ["## Method", "",
+              "- Each workload runs in a fresh subprocess after a warm-up (JIT from the on-disk cache, page cache, "
+              "thread pools); peak RSS is that subprocess's `ru_maxrss` from `os.wait4` (memory-mapped weights count "
+              "once their pages are touched).",
+              "- Checkpoints: random weights in the exact Qwen1.5 shapes, written by `tools/make_checkpoint.py`. "
+              "Each run first evicts them from the page cache (`posix_fadvise(DONTNEED)`), so the first workload "
+              "of a model reads it from disk as a user's run would: pages read from disk come in large folios "
+              "that qwen-ref maps as 2 MB pages, while pages just written stay 4 KB ones (24-26 GB/s instead of "
+              "31-33 measured for a streaming read here).",
+              "- transformers: `Qwen2ForCausalLM.from_pretrained(dir, dtype=...)` with its default attention "
+              f"implementation ({_attn(M)}); decode is a loop of `model(input_ids=token, cache=DynamicCache)` with "
+              "argmax, which is what `generate()` does minus its bookkeeping; prefill passes `logits_to_keep=1`.",
+              "- The RSS budget is the checkpoint's size + the KV cache allocated for the run (float32) + 300 MB.",
+              "- ⚠ marks a measurement during which other processes used that many cores (from /proc/stat); "
+              "`steal_cores` in results.json is what the hypervisor took.", ""]
+    return "\n".join(lines)
+
+
+def _attn(M: dict) -> str:
+    found = {m.get("attn_implementation") for m in M.values() if m.get("attn_implementation")}
+    return ", ".join(sorted(found)) or "?"
+
+
+def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
+    decode = [M.get(f"profile/numba/{plan.headline}/decode-ctx-{ctx}/{t}") for ctx in plan.contexts]
+    decode = [m for m in decode if m and "ops" in m]
+    if not decode:
+        return []
+    lines = [f"## Where a decode step's time goes ({plan.headline}, numba)", "",
+             "Each backend operation wrapped in a timer; ms per token summed over the layers, and the bandwidth "
+             "(weight or KV bytes read / time) each achieved. Median step: "
+             + ", ".join(f"{_f(m['median'])} ms at {m['context']}" for m in decode) + ".", ""]
+    labels = list(dict.fromkeys(label for m in decode for label in m["ops"]))
+    rows = [["**all weight matrices**"]]
+    for m in decode:  # how close the matrix-vector products as a whole come to the streaming bandwidth
+        mats = [op for label, op in m["ops"].items() if label.endswith("proj") or label.startswith("lm_head")]
+        ms, gb = sum(op["ms"] for op in mats), sum(op["ms"] * op["GB/s"] / 1e3 for op in mats)
+        rows[0].append(f"{_f(ms)} ms, {_pct(sum(op['share'] for op in mats))}, {_f(gb / ms * 1e3)} GB/s")
+    for label in labels:
+        row = [label]
+        for m in decode:
+            op = m["ops"].get(label, {})
+            gbs = op.get("GB/s") if op.get("GB/s", 0) > 0 and label not in ("rms_norm", "apply_rope") else None
+            row.append(f"{_f(op.get('ms'))} ms, {_pct(op.get('share'))}" + (f", {_f(gbs)} GB/s" if gbs else ""))
+        rows.append(row)
+    lines += _table(["op", *[f"context {m['context']}" for m in decode]], rows) + [""]
+    pre = M.get(f"profile/numba/{plan.headline}/prefill-{plan.prefill_prompts[-1]}/{t}")
+    if pre and "ops" in pre:
+        lines += [f"Prefill of {pre['prompt']} tokens by op ({_f(pre['median'])} ms in all):", ""]
+        rows = [[label, _f(op["ms"]), _pct(op["share"]), _f(op.get("GFLOP/s")) if op.get("GFLOP/s") else ""]
+                for label, op in pre["ops"].items()]
+        lines += _table(["op", "ms", "share", "GFLOP/s"], rows) + [""]
+    return lines
