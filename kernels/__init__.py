@@ -15,7 +15,7 @@ from kernels.attention import attention
 from kernels.matmul import linear, linears, swiglu
 from kernels.norm import rms_norm
 from kernels.rope import apply_rope
-from kernels.swiglu import silu_mul
+from kernels.silu import silu_mul
 from kernels.widen import widen_rows
 
 __all__ = ["apply_rope", "attention", "linear", "linears", "rms_norm", "silu_mul", "swiglu", "widen_rows"]

@@ -27,8 +27,9 @@ from kernels.exp import exp32
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
 _QUERY_ROWS = 16  # query rows per work item: each block of K and V is read once for all of them
 # (query row, key) scores per block: a block of keys is 512 / rows keys, 32 for a full item (8 KB
-# of K at hd 64, in L1 for every row) and 512 for the single row of a decode step, where a key is
-# used once and longer blocks spend less on the per-block rescaling (measured 15% faster at 4K).
+# of K at hd 64, in L1 for every row) and 512 / G in a decode step (G query heads per kv head:
+# 512 keys without GQA, 102 for Qwen1.5-32B's G = 5), where longer blocks spend less on the
+# per-block rescaling (measured 15% faster at 4K without GQA).
 _BLOCK_SCORES = 512
 _MIN_KEYS_PER_SPLIT = 256  # a key range shorter than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many items

@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.swiglu import silu, silu_mul
+from kernels.silu import silu, silu_mul
 from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
@@ -68,6 +68,8 @@ def linears(
     pass, so q, k and v cost one wake-up of the threads instead of three. This wrapper runs once
     per projection per token, so it keeps its Python work small.
     """
+    if len(biases) != len(weights):
+        raise ValueError(f"linears: {len(weights)} weights but {len(biases)} biases")
     x = np.ascontiguousarray(x, dtype=np.float32)  # [T, n_in]
     gemv = x.shape[0] <= _GEMV_MAX_ROWS
     ws = tuple(_kernel_weight(w, x, gemv) for w in weights)  # [n_out_i, n_in] (uint32 pairs for bfloat16)
@@ -89,13 +91,13 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
     For a few rows of x the two products and the gate share one parallel pass over both weights.
     Returns a new [T, F] float32 array.
     """
+    if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
+        raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
     x = np.ascontiguousarray(x, dtype=np.float32)  # [T, D]
     if x.shape[0] > _GEMV_MAX_ROWS:
         gate, up = linears(x, (w_gate, w_up), (None, None))  # [T, F] each
         return silu_mul(gate, up)
     wg, wu = _kernel_weight(w_gate, x, True), _kernel_weight(w_up, x, True)  # [F, D] each
-    if wg.shape != wu.shape or wg.dtype != wu.dtype:
-        raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
     y = np.empty((x.shape[0], len(wg)), dtype=np.float32)  # [T, F]
     _gemv_swiglu(x, wg, wu, y)
     return y
@@ -108,6 +110,8 @@ def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
     if len(shape) != 2 or x.ndim != 2 or x.shape[1] != shape[1]:
         raise ValueError(f"linear: x {x.shape} and weight {shape} do not chain")
     if gemv and shape[1] % 2 == 0 and w.dtype.char == "H":
+        if w.ctypes.data % 4:
+            w = as_kernel_dtype(w.copy())  # a uint32 view must be 4-byte aligned (safetensors data is 8-byte aligned)
         return w.view(np.uint32)  # [n_out, n_in/2]
     return w
 
@@ -115,16 +119,14 @@ def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
 def _kernel_bias(b: np.ndarray | None, kernel_w: np.ndarray) -> np.ndarray:
     """The bias as stored words, or an empty array of the stored type (no separate compilation for
     "no bias"). The bias of uint32 pairs is made of uint16 (bfloat16) words."""
-    stored = "H" if kernel_w.dtype.char == "I" else kernel_w.dtype.char
+    words = kernel_w.view(np.uint16) if kernel_w.dtype.char == "I" else kernel_w  # [n_out, n_in]
     if b is None:
-        return _NO_BIAS[stored]
+        return words.reshape(-1)[:0]  # [0], read-only like the weight
+    stored = words.dtype.char
     b = as_kernel_dtype(b)  # [n_out]
     if b.dtype.char != stored or b.shape != (len(kernel_w),):
         raise ValueError(f"linear: bias {b.shape} {b.dtype} does not match weight {kernel_w.shape} {kernel_w.dtype}")
     return b
-
-
-_NO_BIAS = {a.dtype.char: a for a in (as_kernel_dtype(np.empty(0, t)) for t in (np.float32, np.uint16, np.float16))}
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -246,7 +248,7 @@ def _store_column(y, t, r, s0, s1, s2, s3, first):
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _gemm(x, weight, bias, y, n_threads):
-    """y = x @ weight.T (+ bias) for T >= 2, by tiles of weight rows split across n_threads.
+    """y = x @ weight.T (+ bias) for T >= 4 (any T works), by tiles of weight rows split across n_threads.
 
     Within a tile, the reduction runs over slices of _K_BLOCK columns: one slice of the tile
     (32 x 1024 float32, 128 KB) stays in L2 and the 4 x rows (16 KB) in L1 while it is used; y

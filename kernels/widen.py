@@ -41,7 +41,7 @@ def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
+def f32_from_bits(typingctx, bits):
     """The float32 whose IEEE bits are the low 32 bits of an integer."""
     if not isinstance(bits, types.Integer):
         return None
@@ -82,7 +82,7 @@ _U = np.uint32
 
 
 def _bf16_to_f32(word):
-    return _f32_from_bits(_U(word) << _U(16))
+    return f32_from_bits(_U(word) << _U(16))
 
 
 def _f16_to_f32(word):
@@ -90,15 +90,15 @@ def _f16_to_f32(word):
     magnitude = h & _U(0x7FFF)  # exponent (5 bits) and mantissa (10 bits)
     if magnitude >= _U(0x7C00):
         # inf and nan: the exponent becomes all ones and the mantissa (nan payload) is kept, as in NumPy
-        value = _f32_from_bits((magnitude << _U(13)) | _U(0x7F800000))
+        value = f32_from_bits((magnitude << _U(13)) | _U(0x7F800000))
     elif magnitude >= _U(0x0400):
-        value = _f32_from_bits((magnitude << _U(13)) + _U((127 - 15) << 23))  # normal: rebias the exponent
+        value = f32_from_bits((magnitude << _U(13)) + _U((127 - 15) << 23))  # normal: rebias the exponent
     else:
         # zero and subnormals, m * 2^-24: read the mantissa as the normal float32 2^-14 * (1 + m/1024),
         # then subtract 2^-14 (exact by Sterbenz). No float32 subnormal is ever formed, so the result
         # does not depend on flush-to-zero or denormals-are-zero modes.
-        value = _f32_from_bits((magnitude << _U(13)) | _U((127 - 14) << 23)) - np.float32(2.0**-14)
-    return _f32_from_bits(_bits_from_f32(value) | ((h & _U(0x8000)) << _U(16)))
+        value = f32_from_bits((magnitude << _U(13)) | _U((127 - 14) << 23)) - np.float32(2.0**-14)
+    return f32_from_bits(_bits_from_f32(value) | ((h & _U(0x8000)) << _U(16)))
 
 
 @overload(widen)
@@ -121,7 +121,7 @@ def widen_bf16_pair(pair: np.uint32) -> tuple[np.float32, np.float32]:
 @overload(widen_bf16_pair)
 def _widen_bf16_pair_jit(pair):
     if pair == types.uint32:
-        return lambda pair: (_f32_from_bits(pair << _U(16)), _f32_from_bits(pair & _U(0xFFFF0000)))
+        return lambda pair: (f32_from_bits(pair << _U(16)), f32_from_bits(pair & _U(0xFFFF0000)))
     return None
 
 

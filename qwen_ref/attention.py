@@ -11,8 +11,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np
     T last. Query head h reads kv head h // G, as `repeat_kv` arranges, without K and V being
     repeated in memory. Returns [T, H * hd], ready for o_proj.
     """
-    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd] each
     T, H, hd = q.shape
+    if not T <= S <= keys.shape[1]:
+        raise ValueError(f"attention: {T} queries over S = {S} positions of a cache of {keys.shape[1]}")
+    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd] each
     Hkv = k.shape[0]
     G = H // Hkv
     past = S - T  # query t sits at position past + t

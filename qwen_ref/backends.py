@@ -24,7 +24,8 @@ from qwen_ref.rope import apply_rope
 class Backend:
     name: str
     linear: Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]  # ([T,in], [out,in], [out]) -> [T,out]
-    linears: Callable[[np.ndarray, tuple, tuple], tuple]  # ([T,in], ([out_i,in], ...), ([out_i] | None, ...)) -> ([T,out_i], ...)
+    # several projections of one input, weights of one dtype: ([T,in], ([out_i,in], ...), ([out_i] | None, ...)) -> ([T,out_i], ...)
+    linears: Callable[[np.ndarray, tuple, tuple], tuple]
     rms_norm: Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # ([T,D], [D], eps) -> [T,D]
     apply_rope: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,n,hd], [T,hd/2] x2) -> [T,n,hd]
     attention: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]  # ([T,H,hd], [Hkv,cap,hd] x2, S) -> [T,H*hd]

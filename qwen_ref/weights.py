@@ -84,8 +84,10 @@ def map_file(path: Path) -> mmap.mmap:
     """
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only; elsewhere plain pages
+    try:
         mapped.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # not Linux, or a kernel without transparent huge pages: plain pages
     return mapped
 
 

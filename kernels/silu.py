@@ -1,4 +1,4 @@
-"""The SwiGLU gate: silu(gate) * up, elementwise."""
+"""The SwiGLU gate elementwise: silu(g) and silu(gate) * up (the fused GEMV form is matmul.swiglu)."""
 
 from __future__ import annotations
 
