@@ -11,11 +11,13 @@ Two kernels, chosen by the number of rows of x:
     whole step, called back to back, stream at the machine's read bandwidth (32 GB/s against 32-33
     for tools/bench.py's streaming read); per core the bf16 GEMV reads ~17 GB/s against ~21 for a
     float32 sum, the cost of widening.
-  - `_gemm` (T >= 4, the prefill) widens a tile of 32 weight rows into a float32 scratch once and
-    reuses it for every row of x, in register tiles of 4 rows of x by 2 weight rows. On one core it
-    reaches 73-77 GFLOP/s where OpenBLAS does 90 on float32 weights (T = 512, [2816, 1024]): each
-    4 x 2 tile ends in 8 horizontal sums. BLAS kernels broadcast x and keep a 6 x 16 block of y in
-    vector registers instead, which needs vector types Numba does not expose.
+  - `_gemm` (T >= 4, the prefill) widens a tile of 16 weight rows once, transposed, into a float32
+    scratch and reuses it for every 4 rows of x. A 4 x 16 block of y stays in 8 AVX2 registers over
+    the whole sum (`_block_4x16`, via `kernels.registers`): each step broadcasts one element of 4
+    rows of x and needs 6 loads for 8 FMAs, with no horizontal sums. The dot-product form it
+    replaced (4 rows of x by 2 weight rows, 8 horizontal sums per tile) ran the model's prefill of
+    512 tokens 5% slower (median of 8 interleaved runs) and down_proj (n_in 2816) up to 20% slower.
+    One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
 
 Both accumulate in float32. `fastmath` is limited to `reassoc` (LLVM may split a dot product over
 SIMD lanes: the summation order differs from BLAS's, but it is fixed for given shapes, so results
@@ -23,10 +25,9 @@ are reproducible and do not depend on the thread count) and `contract` (fused mu
 Neither assumes finite values, so inf and nan propagate.
 
 Why not widen a block of rows and call NumPy's BLAS for the prefill, as the twin does? Alone, BLAS
-is ahead (T = 512: ~175 GFLOP/s on float32 weights; this GEMM 130-165 on bf16). But between Numba
-kernels, OpenBLAS's worker threads and Numba's spin while the other pool works: in a layer-like
-sequence the BLAS route fell to ~90 GFLOP/s at T = 512 and ~25 at T = 64, where this GEMM kept ~140
-and ~100. See tools/bench_kernels.py.
+is ahead on float32 weights, but between Numba kernels, OpenBLAS's worker threads and Numba's spin
+while the other pool works: in a layer-like sequence the BLAS route fell to ~90 GFLOP/s at T = 512
+and ~25 at T = 64, where a Numba GEMM kept ~140 and ~100. See tools/bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from kernels.registers import register_block
 from kernels.silu import silu, silu_mul
 from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
-# Weight rows widened together by `_gemm`, and the columns of them reduced together (see _gemm);
-# one thread at T = 512 measured 32 x 1024 ahead of 64 x 1024, 64 x 512 and 128 x 1024 by 5-15%.
-_TILE_ROWS = 32
-_K_BLOCK = 1024
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
 # widening tiles (one thread, [2816, 1024] bf16: 0.46 ms against 0.71 ms at T = 2, even at T = 4).
 _GEMV_MAX_ROWS = 3
@@ -207,82 +205,50 @@ def _gemv_swiglu(x, w_gate, w_up, y):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _dot_4x2(x0, x1, x2, x3, w0, w1):
-    """The 8 dot products of 4 rows of x with 2 weight rows: each load feeds 2 or 4 FMAs, and the 8
-    sums (each spread over SIMD lanes by LLVM) stay in registers."""
-    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-    for k in range(x0.shape[0]):
-        u, v = w0[k], w1[k]
-        a0 += x0[k] * u
-        a1 += x1[k] * u
-        a2 += x2[k] * u
-        a3 += x3[k] * u
-        b0 += x0[k] * v
-        b1 += x1[k] * v
-        b2 += x2[k] * v
-        b3 += x3[k] * v
-    return a0, a1, a2, a3, b0, b1, b2, b3
+def _block_4x16(x, t0, w_tile, bias_tile, y, r0, rows, cols):
+    """y[t0:t0+rows, r0:r0+cols] = x[t0:t0+rows] @ w_tile[:, :cols] + bias_tile[:cols], rows <= 4, cols <= 16.
 
-
-@njit(cache=True)
-def _store_column(y, t, r, s0, s1, s2, s3, first):
-    """y[t:t+4, r] = (s0, .., s3) on the first column slice, += on later ones; rows past T are dropped."""
-    n = min(4, y.shape[0] - t)
-    if first:
-        y[t, r] = s0
-        if n > 1:
-            y[t + 1, r] = s1
-        if n > 2:
-            y[t + 2, r] = s2
-        if n > 3:
-            y[t + 3, r] = s3
-    else:
-        y[t, r] += s0
-        if n > 1:
-            y[t + 1, r] += s1
-        if n > 2:
-            y[t + 2, r] += s2
-        if n > 3:
-            y[t + 3, r] += s3
+    The 4 x 16 block of y stays in registers (8 AVX2 accumulators) for the whole loop over n_in: each
+    step broadcasts one element of 4 rows of x and multiplies the 16 weights of that column.
+    """
+    c = register_block(64)  # [4 * 16] c[t * 16 + j] accumulates y[t0 + t, r0 + j]
+    last = x.shape[0] - 1
+    # Past the last row of x the block reads that row again rather than branching; not stored.
+    x0, x1, x2, x3 = x[t0], x[min(t0 + 1, last)], x[min(t0 + 2, last)], x[min(t0 + 3, last)]  # [n_in] each
+    for k in range(w_tile.shape[0]):
+        w = w_tile[k]  # [16] element k of the tile's 16 weight rows
+        a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+        for j in range(16):
+            c[j] += a0 * w[j]
+            c[16 + j] += a1 * w[j]
+            c[32 + j] += a2 * w[j]
+            c[48 + j] += a3 * w[j]
+    for t in range(rows):
+        for j in range(cols):
+            y[t0 + t, r0 + j] = c[t * 16 + j] + bias_tile[j]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _gemm(x, weight, bias, y, n_threads):
-    """y = x @ weight.T (+ bias) for T >= 4 (any T works), by tiles of weight rows split across n_threads.
+    """y = x @ weight.T (+ bias) for T >= 4 (any T works), by tiles of 16 weight rows split across n_threads.
 
-    Within a tile, the reduction runs over slices of _K_BLOCK columns: one slice of the tile
-    (32 x 1024 float32, 128 KB) stays in L2 and the 4 x rows (16 KB) in L1 while it is used; y
-    accumulates the partial sums when n_in > _K_BLOCK.
+    Each tile is widened once, transposed, into a float32 scratch [n_in, 16] (64 KB at n_in 1024,
+    in L2) and serves every 4-row block of x.
     """
     T, n_in = x.shape
     n_out = weight.shape[0]
     has_bias = bias.shape[0] > 0
-    n_tiles = (n_out + _TILE_ROWS - 1) // _TILE_ROWS
+    n_tiles = (n_out + 15) // 16
     n_parts = min(n_threads, n_tiles)  # given by the caller: get_num_threads() here would defeat caching
     for part in prange(n_parts):
-        tile = np.empty((_TILE_ROWS, n_in), dtype=np.float32)  # [TILE_ROWS, n_in], one scratch per thread
-        for tile_index in range(part * n_tiles // n_parts, (part + 1) * n_tiles // n_parts):
-            r0 = tile_index * _TILE_ROWS
-            rows = min(_TILE_ROWS, n_out - r0)
-            for i in range(rows):
+        w_tile = np.zeros((n_in, 16), dtype=np.float32)  # [n_in, 16] one scratch per thread
+        bias_tile = np.zeros(16, dtype=np.float32)  # [16]
+        for tile in range(part * n_tiles // n_parts, (part + 1) * n_tiles // n_parts):
+            r0 = tile * 16
+            cols = min(16, n_out - r0)  # the last tile may be narrower; its spare columns are not stored
+            for j in range(cols):
                 for k in range(n_in):
-                    tile[i, k] = widen(weight[r0 + i, k])
-            for k0 in range(0, n_in, _K_BLOCK):
-                k1 = min(k0 + _K_BLOCK, n_in)
-                first = k0 == 0
-                for t in range(0, T, 4):
-                    # Past the last row of x (or of the tile) the micro-kernel reads the last row
-                    # again rather than branching; those results are computed and not stored.
-                    t1, t2, t3 = min(t + 1, T - 1), min(t + 2, T - 1), min(t + 3, T - 1)
-                    x0, x1, x2, x3 = x[t, k0:k1], x[t1, k0:k1], x[t2, k0:k1], x[t3, k0:k1]  # [k1-k0] each
-                    for i in range(0, rows, 2):
-                        i1 = min(i + 1, rows - 1)
-                        a0, a1, a2, a3, b0, b1, b2, b3 = _dot_4x2(x0, x1, x2, x3, tile[i, k0:k1], tile[i1, k0:k1])
-                        if has_bias and first:
-                            c = widen(bias[r0 + i])
-                            a0, a1, a2, a3 = a0 + c, a1 + c, a2 + c, a3 + c
-                            c = widen(bias[r0 + i1])
-                            b0, b1, b2, b3 = b0 + c, b1 + c, b2 + c, b3 + c
-                        _store_column(y, t, r0 + i, a0, a1, a2, a3, first)
-                        if i + 1 < rows:
-                            _store_column(y, t, r0 + i1, b0, b1, b2, b3, first)
+                    w_tile[k, j] = widen(weight[r0 + j, k])
+                bias_tile[j] = widen(bias[r0 + j]) if has_bias else np.float32(0.0)
+            for t0 in range(0, T, 4):
+                _block_4x16(x, t0, w_tile, bias_tile, y, r0, min(4, T - t0), cols)
