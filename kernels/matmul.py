@@ -14,9 +14,10 @@ Two kernels, chosen by the number of rows of x:
   - `_gemm` (T >= 4, the prefill) widens a tile of 16 weight rows once, transposed, into a float32
     scratch and reuses it for every 4 rows of x. A 4 x 16 block of y stays in 8 AVX2 registers over
     the whole sum (`_block_4x16`, via `kernels.registers`): each step broadcasts one element of 4
-    rows of x and needs 6 loads for 8 FMAs, with no horizontal sums. The dot-product form it
-    replaced (4 rows of x by 2 weight rows, 8 horizontal sums per tile) ran the model's prefill of
-    512 tokens 5% slower (median of 8 interleaved runs) and down_proj (n_in 2816) up to 20% slower.
+    rows of x and needs 6 loads for 8 FMAs, with no horizontal sums. Against the dot-product form
+    it replaced (4 rows of x by 2 weight rows, 8 horizontal sums per tile; `_gemm` of commit
+    a48f1c3), swapped in and out of one process in turn, the 0.5B model's 512-token prefill ran
+    5% and 16% faster (medians of 8 runs each, two sessions) and down_proj (n_in 2816) up to 20%.
     One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
 
 Both accumulate in float32. `fastmath` is limited to `reassoc` (LLVM may split a dot product over
