@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from bench_plan import Plan
 
 ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "bfloat16": 2, "float32": 4}
@@ -67,6 +68,8 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
     for name, m in measurements.items():
         if "error" in m or m["kind"] not in ("qwen_decode", "qwen_prefill", "hf_decode", "hf_prefill"):
             continue
+        if name.startswith("paired/"):  # read by paired_ratios
+            continue
         impl, variant, model, work, threads = name.split("/")
         if impl == "transformers":  # ".../float32/0.5b/...": loaded from the bf16 checkpoint, computes in `variant`
             shape, stored, compute = model, "bf16", {"float32": "f32", "bfloat16": "bf16"}[variant]
@@ -111,18 +114,44 @@ def bandwidth_ceiling(measurements: dict[str, dict], threads: str) -> float | No
     return max(found) if found else None
 
 
-def targets(measurements: dict[str, dict], plan: Plan, threads: int) -> list[dict]:
-    """The four figures the project is judged on, each with its threshold and whether it is met."""
+def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
+    """Per work ("decode", "prefill-P"): qwen-ref / transformers float32 in each paired round, and their median."""
+    shape = plan.headline.split("-")[0]
+    out = {}
+    for work in ("decode", f"prefill-{plan.prefill_prompts[-1]}"):
+        rounds = []
+        for r in range(1, plan.paired_rounds + 1):
+            ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t")
+            theirs = measurements.get(f"paired/{r}/transformers/float32/{shape}/{work}/{threads}t")
+            if ours and theirs and "error" not in ours and "error" not in theirs:
+                rounds.append({"round": r, "qwen_ref": ours["median"], "transformers": theirs["median"],
+                               "ratio": ours["median"] / theirs["median"]})
+        if rounds:
+            out[work] = {"rounds": rounds, "median": float(np.median([x["ratio"] for x in rounds]))}
+    return out
+
+
+def targets(measurements: dict[str, dict], plan: Plan, threads: int, paired: dict[str, dict]) -> list[dict]:
+    """The four figures the project is judged on, each with its threshold and whether it is met.
+
+    The ratios to transformers are the median of the paired rounds when the run has them."""
     base = f"qwen-ref/numba/{plan.headline}"
     decode = measurements.get(f"{base}/decode/{threads}t", {})
     prefill = measurements.get(f"{base}/prefill-{plan.prefill_prompts[-1]}/{threads}t", {})
     long = measurements.get(f"{base}/decode-ctx-{plan.contexts[-1]}/{threads}t", {})
     model, P, ctx = plan.headline, plan.prefill_prompts[-1], plan.contexts[-1]
+
+    def vs_hf(work: str, m: dict) -> tuple[str, float | None]:
+        if work in paired:
+            return f" (median of {len(paired[work]['rounds'])} paired rounds)", paired[work]["median"]
+        return "", m.get("vs_transformers_float32")
+
+    (decode_how, decode_x), (prefill_how, prefill_x) = vs_hf("decode", decode), vs_hf(f"prefill-{P}", prefill)
     rows = [
         (f"decode {model}, {plan.prompt}-token prompt: fraction of the decode ceiling", decode.get("fraction_of_ceiling"), 0.90, ">="),
-        (f"decode {model}, {plan.prompt}-token prompt: x transformers float32", decode.get("vs_transformers_float32"), 3.0, ">="),
+        (f"decode {model}, {plan.prompt}-token prompt: x transformers float32{decode_how}", decode_x, 3.0, ">="),
         (f"prefill {model}, {P}-token prompt: fraction of the prefill ceiling", prefill.get("fraction_of_ceiling"), 0.60, ">="),
-        (f"prefill {model}, {P}-token prompt: x transformers float32", prefill.get("vs_transformers_float32"), 1.0, ">"),
+        (f"prefill {model}, {P}-token prompt: x transformers float32{prefill_how}", prefill_x, 1.0, ">"),
         (f"decode {model} at context {ctx}: fraction of its ceiling (weights + KV cache)", long.get("fraction_of_ceiling"), 0.80, ">="),
     ]
     out = [{"target": t, "value": v, "threshold": th, "op": op,

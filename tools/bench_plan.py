@@ -32,6 +32,7 @@ class Plan:
     profile_steps: int = 16  # decode steps timed op by op, per repeat
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # what transformers computes in
     repeats: int = 3
+    paired_rounds: int = 3  # qwen-ref then transformers, again and again, for the two ratios the targets name
     ceiling_repeats: int = 10
     stream_bytes: int = 2**30  # the bandwidth kernel's array: larger than every cache
     quiet_wait: float = 90.0  # seconds a workload may spend in all waiting for other processes to leave the CPUs
@@ -40,7 +41,8 @@ class Plan:
 SMOKE = Plan(
     shapes=("tiny",), dtypes=("bf16",), headline="tiny-bf16", prompt=16, new_tokens=6, slow_new_tokens=4,
     numpy_new_tokens=4, prefill_prompts=(16,), contexts=(32,), context_new_tokens=4, hf_context_new_tokens=4,
-    profile_steps=3, hf_dtypes=("float32",), repeats=2, ceiling_repeats=3, stream_bytes=2**26, quiet_wait=0.0,
+    profile_steps=3, hf_dtypes=("float32",), repeats=2, paired_rounds=1, ceiling_repeats=3, stream_bytes=2**26,
+    quiet_wait=0.0,
 )
 
 
@@ -99,6 +101,7 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
                                         new_tokens=plan.new_tokens))
                     work.append(_prefill(f"{prefix}/prefill-{plan.prefill_prompts[-1]}/1t", "hf_prefill", hf_ckpt, 1,
                                          plan, plan.prefill_prompts[-1], torch_dtype=torch_dtype))
+    work.extend(_paired_rounds(plan, threads, ckpt_root))
     # The host's memory bandwidth drifts (other virtual machines); measuring it again shows by how much.
     work.append(bandwidth(threads, "bandwidth-end"))
     for w in work:
@@ -120,6 +123,31 @@ def _headline_extras(model: str, ckpt: str, threads: int, plan: Plan) -> list[Wo
     work.append(Workload(f"profile/numba/{model}/{threads}t", {"kind": "profile", "threads": threads,
                 "model": model, "model_dir": ckpt, "contexts": list(plan.contexts), "steps": plan.profile_steps,
                 "prompt": plan.prefill_prompts[-1], "repeats": plan.repeats}))
+    return work
+
+
+def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
+    """The headline decode and prefill of qwen-ref and of transformers float32, in alternation.
+
+    The host's speed drifts by 15% within minutes, and the main list measures the two minutes apart:
+    a ratio from one round compares them under the same conditions, and the median of the rounds'
+    ratios is what the targets use.
+    """
+    shape, dtype = plan.headline.split("-")
+    ours, theirs = str(ckpt_root / checkpoint_name(shape, dtype)), str(ckpt_root / checkpoint_name(shape, "bf16"))
+    P = plan.prefill_prompts[-1]
+    work = []
+    for r in range(1, plan.paired_rounds + 1):
+        work += [
+            _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode/{threads}t", "qwen_decode", ours, threads, plan,
+                    backend="numba", new_tokens=plan.new_tokens),
+            _decode(f"paired/{r}/transformers/float32/{shape}/decode/{threads}t", "hf_decode", theirs, threads, plan,
+                    torch_dtype="float32", new_tokens=plan.new_tokens),
+            _prefill(f"paired/{r}/qwen-ref/numba/{plan.headline}/prefill-{P}/{threads}t", "qwen_prefill", ours,
+                     threads, plan, P, backend="numba"),
+            _prefill(f"paired/{r}/transformers/float32/{shape}/prefill-{P}/{threads}t", "hf_prefill", theirs, threads,
+                     plan, P, torch_dtype="float32"),
+        ]
     return work
 
 

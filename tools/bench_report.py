@@ -199,6 +199,7 @@ def markdown(results: dict, plan: Plan) -> str:
         if threads > 1 and one and many and "error" not in one and "error" not in many:
             lines += [f"{work}: {threads} threads / 1 thread = **{many['median'] / one['median']:.2f}x**.", ""]
 
+    lines += _paired_section(results.get("paired", {}), plan)
     lines += _profile_section(M, plan, t)
     lines += ["## Method", "",
               "- Each workload runs in a fresh subprocess after a warm-up (JIT from the on-disk cache, page cache, "
@@ -221,6 +222,20 @@ def markdown(results: dict, plan: Plan) -> str:
 def _attn(M: dict) -> str:
     found = {m.get("attn_implementation") for m in M.values() if m.get("attn_implementation")}
     return ", ".join(sorted(found)) or "?"
+
+
+def _paired_section(paired: dict[str, dict], plan: Plan) -> list[str]:
+    if not paired:
+        return []
+    lines = [f"## qwen-ref and transformers float32 in alternation ({plan.headline})", "",
+             "The same workloads again at the end of the run, qwen-ref then transformers, round after round, so that "
+             "each ratio compares the two under the same state of the host; the targets use the median ratio.", ""]
+    for work, p in paired.items():
+        rows = [[str(x["round"]), _f(x["qwen_ref"]), _f(x["transformers"]), _x(x["ratio"])] for x in p["rounds"]]
+        rows.append(["**median**", "", "", f"**{_x(p['median'])}**"])
+        lines += [f"{work}, tokens/s:", ""]
+        lines += _table(["round", "qwen-ref", "transformers float32", "ratio"], rows) + [""]
+    return lines
 
 
 def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
