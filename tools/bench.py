@@ -2,7 +2,7 @@
 
     python tools/bench.py                                        # the full run: 25 min on a quiet machine
     python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into results.json
-    python tools/bench.py --smoke --out /tmp/bench               # a tiny model in seconds: CI runs the script
+    python tools/bench.py --smoke --out /tmp/bench               # a tiny model in about a minute: CI runs the script
 
 Writes results.json (every measurement with its median, min, max, repeats and peak resident memory)
 and BENCHMARKS.md (tables, fractions of the ceilings, ratios to transformers, the targets) into
