@@ -109,9 +109,10 @@ def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
     if len(shape) != 2 or x.ndim != 2 or x.shape[1] != shape[1]:
         raise ValueError(f"linear: x {x.shape} and weight {shape} do not chain")
     if gemv and shape[1] % 2 == 0 and w.dtype.char == "H":
-        if w.ctypes.data % 4:
-            w = as_kernel_dtype(w.copy())  # a uint32 view must be 4-byte aligned (safetensors data is 8-byte aligned)
-        return w.view(np.uint32)  # [n_out, n_in/2]
+        pairs = w.view(np.uint32)  # [n_out, n_in/2]
+        if not pairs.flags.aligned:  # 2 bytes past a 4-byte boundary (safetensors data is 8-byte aligned)
+            pairs = as_kernel_dtype(w.copy()).view(np.uint32)
+        return pairs
     return w
 
 

@@ -79,8 +79,9 @@ def map_file(path: Path) -> mmap.mmap:
 
     A decode step streams every weight once; on 4 KB pages it measured 24-26 GB/s against 31-33 on
     huge pages (tools/bench.py). Linux maps a file's page-cache pages as 2 MB pages when the
-    filesystem keeps them in large folios (ext4 and xfs do on recent kernels) and the mapping asks
-    for it. The pages stay the file's: nothing is copied, and they can still be evicted.
+    filesystem keeps them in large folios (seen with ext4 on Linux 6.18, for files read from disk)
+    and the mapping asks for it. The pages stay the file's: nothing is copied, and they can still
+    be evicted.
     """
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
