@@ -14,6 +14,13 @@ over a 4096-token cache re-read 2 MB of keys and values per query row and ran at
 the NumPy twin's BLAS. When there are too few items to keep every thread busy (decode, T = 1, with
 few kv heads) the keys are also split into ranges whose partial (m, l, acc) are merged at the end
 (flash-decoding).
+
+An item of at least 4 query rows (prefill; decode with G >= 4) with hd a multiple of 16 is done
+for all its rows at once (`_item_tiled`): keys @ queries^T and weights @ values run on the GEMM's
+register-blocked micro-kernel, 64 keys at a time. A prefill of 512 tokens on Qwen1.5-0.5B shapes
+ran 1.77x faster than a row at a time (dot products with horizontal sums), and a decode step with
+G = 5 at 4K 1.13x. Fewer rows (decode without GQA) stay on `_item_by_rows`, which reads the
+keys and values of a block once per row and is bound by memory bandwidth there anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.exp import exp32
+from kernels.microkernel import block_4x16
 
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
 _QUERY_ROWS = 16  # query rows per work item: each block of K and V is read once for all of them
@@ -31,6 +39,7 @@ _QUERY_ROWS = 16  # query rows per work item: each block of K and V is read once
 # 512 keys without GQA, 102 for Qwen1.5-32B's G = 5), where longer blocks spend less on the
 # per-block rescaling (measured 15% faster at 4K without GQA).
 _BLOCK_SCORES = 512
+_KEY_BLOCK = 64  # keys per block in _item_tiled: 16 KB of K and V at hd 64, in L1
 _MIN_KEYS_PER_SPLIT = 256  # a key range shorter than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many items
 
@@ -107,6 +116,92 @@ def _add_weighted(out, weights, values, b0, nb):
             out[d] += p * v[d]
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run):
+    """The online softmax of one work item, a query row at a time: rows r0 .. r0+rows-1 of kv head j
+    against keys lo .. hi-1, into m_run, l_run, acc_run [rows, hd] (first rows of each)."""
+    hd = q.shape[2]
+    key_block = _BLOCK_SCORES // rows
+    for b0 in range(lo, hi, key_block):
+        for i in range(rows):
+            t, h = divmod(r0 + i, G)
+            nb = min(key_block, hi - b0, past + t + 1 - b0)  # query t sees keys 0 .. past + t
+            if nb <= 0:
+                continue
+            query, weights, out = q[t, j * G + h], scores[i], acc_run[i]  # [hd], [block], [hd]
+            _score(query, keys, b0, nb, weights)
+            block_max = np.float32(-np.inf)
+            for b in range(nb):
+                weights[b] *= scale  # after the dot product, as the twin scales
+                block_max = max(block_max, weights[b])
+            m_new = max(m_run[i], block_max)
+            correction = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
+            row_sum = l_run[i] * correction
+            for d in range(hd):
+                out[d] *= correction
+            for b in range(nb):
+                weights[b] = exp32(weights[b] - m_new)
+                row_sum += weights[b]
+            m_run[i], l_run[i] = m_new, row_sum
+            _add_weighted(out, weights, values, b0, nb)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, m_run, l_run, acc_run):
+    """The same as _item_by_rows for 4 to 16 rows and hd a multiple of 16, all rows at once: both
+    products run on the GEMM micro-kernel, the scores as keys @ queries^T and the weighted values
+    as weights @ values[:, 16 columns], so keys and values are read in place, never copied.
+
+    Spare query columns (rows .. 15) repeat the item's last row: computed, never stored.
+    """
+    R = _QUERY_ROWS
+    hd = q.shape[2]
+    q_t = np.empty((hd, R), dtype=np.float32)  # [hd, R] the item's queries, one per column
+    for i in range(R):
+        t, h = divmod(r0 + min(i, rows - 1), G)
+        query = q[t, j * G + h]  # [hd]
+        for d in range(hd):
+            q_t[d, i] = query[d]
+    p = np.empty((R, _KEY_BLOCK), dtype=np.float32)  # [R, keys] scores, then weights e^(s - m)
+    block = np.empty((4, 16), dtype=np.float32)
+    correction = np.empty(R, dtype=np.float32)  # [R] e^(m - m') for the running sums
+    for b0 in range(lo, hi, _KEY_BLOCK):
+        nb = min(_KEY_BLOCK, hi - b0)
+        ks, vs = keys[b0 : b0 + nb], values[b0 : b0 + nb]  # [nb, hd] each
+        for k0 in range(0, nb, 4):
+            block_4x16(ks, k0, q_t, 0, block)  # block[b, i] = keys[k0 + b] . query i
+            for b in range(min(4, nb - k0)):
+                for i in range(R):
+                    p[i, k0 + b] = block[b, i]
+        for i in range(rows):
+            # one row at a time: loops over keys of runtime length, which LLVM vectorises
+            weights = p[i]  # [keys]
+            n_seen = min(nb, past + (r0 + i) // G + 1 - b0)  # query t sees keys 0 .. past + t
+            if n_seen <= 0:
+                correction[i] = 1.0
+                weights[:nb] = 0.0
+                continue
+            block_max = np.float32(-np.inf)
+            for b in range(n_seen):
+                weights[b] *= scale  # after the dot product, as the twin scales
+                block_max = max(block_max, weights[b])
+            m_new = max(m_run[i], block_max)
+            correction[i] = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
+            row_sum = l_run[i] * correction[i]
+            for b in range(n_seen):
+                weights[b] = exp32(weights[b] - m_new)
+                row_sum += weights[b]
+            weights[n_seen:nb] = 0.0  # keys after the query's own position
+            m_run[i], l_run[i] = m_new, row_sum
+        for d0 in range(0, hd, 16):
+            for t0 in range(0, rows, 4):
+                block_4x16(p, t0, vs, d0, block)  # block[t, c] = weights[t0 + t] . values[:, d0 + c]
+                for t in range(min(4, rows - t0)):
+                    out = acc_run[t0 + t]  # [hd]
+                    for c in range(16):
+                        out[d0 + c] = out[d0 + c] * correction[t0 + t] + block[t, c]
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _attend(q, k, v, S, m, l, acc, n_threads):
     """Fill the partial (m, l, acc) of every (key split, query row, head) from the first S positions of k, v."""
@@ -140,29 +235,10 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
             m_run[:] = -np.inf
             l_run[:] = 0.0
             acc_run[:] = 0.0
-            key_block = _BLOCK_SCORES // rows
-            for b0 in range(lo, hi, key_block):
-                for i in range(rows):
-                    t, h = divmod(r0 + i, G)
-                    nb = min(key_block, hi - b0, past + t + 1 - b0)  # query t sees keys 0 .. past + t
-                    if nb <= 0:
-                        continue
-                    query, weights, out = q[t, j * G + h], scores[i], acc_run[i]  # [hd], [block], [hd]
-                    _score(query, keys, b0, nb, weights)
-                    block_max = np.float32(-np.inf)
-                    for b in range(nb):
-                        weights[b] *= scale  # after the dot product, as the twin scales
-                        block_max = max(block_max, weights[b])
-                    m_new = max(m_run[i], block_max)
-                    correction = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
-                    row_sum = l_run[i] * correction
-                    for d in range(hd):
-                        out[d] *= correction
-                    for b in range(nb):
-                        weights[b] = exp32(weights[b] - m_new)
-                        row_sum += weights[b]
-                    m_run[i], l_run[i] = m_new, row_sum
-                    _add_weighted(out, weights, values, b0, nb)
+            if rows >= 4 and hd % 16 == 0:
+                _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, m_run, l_run, acc_run)
+            else:
+                _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run)
             for i in range(rows):
                 t, h = divmod(r0 + i, G)
                 m[split, t, j * G + h] = m_run[i]

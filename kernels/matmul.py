@@ -11,14 +11,16 @@ Two kernels, chosen by the number of rows of x:
     whole step, called back to back, stream at the machine's read bandwidth (32 GB/s against 32-33
     for tools/bench.py's streaming read); per core the bf16 GEMV reads ~17 GB/s against ~21 for a
     float32 sum, the cost of widening.
-  - `_gemm` (T >= 4, the prefill) widens a tile of 16 weight rows once, transposed, into a float32
-    scratch and reuses it for every 4 rows of x. A 4 x 16 block of y stays in 8 AVX2 registers over
-    the whole sum (`_block_4x16`, via `kernels.registers`): each step broadcasts one element of 4
-    rows of x and needs 6 loads for 8 FMAs, with no horizontal sums. Against the dot-product form
-    it replaced (4 rows of x by 2 weight rows, 8 horizontal sums per tile; `_gemm` of commit
-    a48f1c3), swapped in and out of one process in turn, the 0.5B model's 512-token prefill ran
-    5% and 16% faster (medians of 8 runs each, two sessions) and down_proj (n_in 2816) up to 20%.
-    One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
+  - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
+    scratch, a group of tiles at a time (up to 256 KB, so they stay in L2), and runs every block of
+    4 rows of x over the group with `kernels.microkernel.block_4x16`, which keeps a 4 x 16 block of
+    y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
+    tile. One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
+    `_gemm_swiglu` is the same with 8 gate rows beside the same 8 up rows in each tile: silu(gate)
+    * up is taken as each block ends, so neither product is written out and read back. Against
+    the previous kernels (one tile per pass over x; gate and up as two GEMMs, then silu_mul),
+    swapped in and out of one process: swiglu at T = 512 1.32x faster, gate_proj and down_proj
+    alone 1.04-1.07x (medians of 15 alternating runs).
 
 Both accumulate in float32. `fastmath` is limited to `reassoc` (LLVM may split a dot product over
 SIMD lanes: the summation order differs from BLAS's, but it is fixed for given shapes, so results
@@ -38,14 +40,19 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.registers import register_block
-from kernels.silu import silu, silu_mul
+from kernels.microkernel import block_4x16
+from kernels.silu import silu
 from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
 # widening tiles (one thread, [2816, 1024] bf16: 0.46 ms against 0.71 ms at T = 2, even at T = 4).
 _GEMV_MAX_ROWS = 3
+# The GEMM widens this many bytes of tiles (up to _MAX_GROUP tiles) and runs each block of 4 rows of
+# x over all of them: the tiles stay in L2 (512 KB per core here) and x is read from L3 once per
+# group rather than once per tile.
+_GROUP_BYTES = 256 * 1024
+_MAX_GROUP = 4
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -93,12 +100,13 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
     if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
         raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
     x = np.ascontiguousarray(x, dtype=np.float32)  # [T, D]
-    if x.shape[0] > _GEMV_MAX_ROWS:
-        gate, up = linears(x, (w_gate, w_up), (None, None))  # [T, F] each
-        return silu_mul(gate, up)
-    wg, wu = _kernel_weight(w_gate, x, True), _kernel_weight(w_up, x, True)  # [F, D] each
+    gemv = x.shape[0] <= _GEMV_MAX_ROWS
+    wg, wu = _kernel_weight(w_gate, x, gemv), _kernel_weight(w_up, x, gemv)  # [F, D] each
     y = np.empty((x.shape[0], len(wg)), dtype=np.float32)  # [T, F]
-    _gemv_swiglu(x, wg, wu, y)
+    if gemv:
+        _gemv_swiglu(x, wg, wu, y)
+    else:
+        _gemm_swiglu(x, wg, wu, y, numba.get_num_threads())
     return y
 
 
@@ -207,50 +215,75 @@ def _gemv_swiglu(x, w_gate, w_up, y):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _block_4x16(x, t0, w_tile, bias_tile, y, r0, rows, cols):
-    """y[t0:t0+rows, r0:r0+cols] = x[t0:t0+rows] @ w_tile[:, :cols] + bias_tile[:cols], rows <= 4, cols <= 16.
+def _widen_tile(weight, r0, cols, w_tile, j0):
+    """w_tile[:, j0:j0+cols] = weight[r0:r0+cols].T widened to float32."""
+    for j in range(cols):
+        for k in range(w_tile.shape[0]):
+            w_tile[k, j0 + j] = widen(weight[r0 + j, k])
 
-    The 4 x 16 block of y stays in registers (8 AVX2 accumulators) for the whole loop over n_in: each
-    step broadcasts one element of 4 rows of x and multiplies the 16 weights of that column.
-    """
-    c = register_block(64)  # [4 * 16] c[t * 16 + j] accumulates y[t0 + t, r0 + j]
-    last = x.shape[0] - 1
-    # Past the last row of x the block reads that row again rather than branching; not stored.
-    x0, x1, x2, x3 = x[t0], x[min(t0 + 1, last)], x[min(t0 + 2, last)], x[min(t0 + 3, last)]  # [n_in] each
-    for k in range(w_tile.shape[0]):
-        w = w_tile[k]  # [16] element k of the tile's 16 weight rows
-        a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
-        for j in range(16):
-            c[j] += a0 * w[j]
-            c[16 + j] += a1 * w[j]
-            c[32 + j] += a2 * w[j]
-            c[48 + j] += a3 * w[j]
-    for t in range(rows):
-        for j in range(cols):
-            y[t0 + t, r0 + j] = c[t * 16 + j] + bias_tile[j]
+
+@njit(cache=True)
+def _group_size(n_in):
+    """Tiles widened together: up to _GROUP_BYTES of float32 scratch, at most _MAX_GROUP tiles."""
+    return max(1, min(_MAX_GROUP, _GROUP_BYTES // (64 * n_in)))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _gemm(x, weight, bias, y, n_threads):
-    """y = x @ weight.T (+ bias) for T >= 4 (any T works), by tiles of 16 weight rows split across n_threads.
-
-    Each tile is widened once, transposed, into a float32 scratch [n_in, 16] (64 KB at n_in 1024,
-    in L2) and serves every 4-row block of x.
-    """
+    """y = x @ weight.T (+ bias) for T >= 4 (any T works): groups of tiles of 16 weight rows, split
+    across n_threads (given by the caller: get_num_threads() here would defeat caching)."""
     T, n_in = x.shape
     n_out = weight.shape[0]
     has_bias = bias.shape[0] > 0
     n_tiles = (n_out + 15) // 16
-    n_parts = min(n_threads, n_tiles)  # given by the caller: get_num_threads() here would defeat caching
+    G = _group_size(n_in)
+    n_groups = (n_tiles + G - 1) // G
+    n_parts = min(n_threads, n_groups)
     for part in prange(n_parts):
-        w_tile = np.zeros((n_in, 16), dtype=np.float32)  # [n_in, 16] one scratch per thread
-        bias_tile = np.zeros(16, dtype=np.float32)  # [16]
-        for tile in range(part * n_tiles // n_parts, (part + 1) * n_tiles // n_parts):
-            r0 = tile * 16
-            cols = min(16, n_out - r0)  # the last tile may be narrower; its spare columns are not stored
-            for j in range(cols):
-                for k in range(n_in):
-                    w_tile[k, j] = widen(weight[r0 + j, k])
-                bias_tile[j] = widen(bias[r0 + j]) if has_bias else np.float32(0.0)
+        w_tiles = np.zeros((G, n_in, 16), dtype=np.float32)  # [G, n_in, 16] one scratch per thread
+        bias_tiles = np.zeros((G, 16), dtype=np.float32)  # [G, 16]
+        block = np.empty((4, 16), dtype=np.float32)  # [4, 16]
+        for group in range(part * n_groups // n_parts, (part + 1) * n_groups // n_parts):
+            n_group = min(G, n_tiles - group * G)
+            for g in range(n_group):
+                r0 = (group * G + g) * 16
+                cols = min(16, n_out - r0)  # the last tile may be narrower; its spare columns are not stored
+                _widen_tile(weight, r0, cols, w_tiles[g], 0)
+                for j in range(cols):
+                    bias_tiles[g, j] = widen(bias[r0 + j]) if has_bias else np.float32(0.0)
             for t0 in range(0, T, 4):
-                _block_4x16(x, t0, w_tile, bias_tile, y, r0, min(4, T - t0), cols)
+                for g in range(n_group):
+                    r0 = (group * G + g) * 16
+                    block_4x16(x, t0, w_tiles[g], 0, block)
+                    for t in range(min(4, T - t0)):
+                        for j in range(min(16, n_out - r0)):
+                            y[t0 + t, r0 + j] = block[t, j] + bias_tiles[g, j]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _gemm_swiglu(x, w_gate, w_up, y, n_threads):
+    """y = silu(x @ w_gate.T) * (x @ w_up.T) for T >= 4, as _gemm with tiles of 8 gate rows beside the
+    same 8 up rows: each block of products ends as 8 outputs, and neither product is stored whole."""
+    T, n_in = x.shape
+    n_out = w_gate.shape[0]
+    n_tiles = (n_out + 7) // 8
+    G = _group_size(n_in)
+    n_groups = (n_tiles + G - 1) // G
+    n_parts = min(n_threads, n_groups)
+    for part in prange(n_parts):
+        w_tiles = np.zeros((G, n_in, 16), dtype=np.float32)  # [G, n_in, 16]: 8 gate rows, then 8 up rows
+        block = np.empty((4, 16), dtype=np.float32)  # [4, 16]
+        for group in range(part * n_groups // n_parts, (part + 1) * n_groups // n_parts):
+            n_group = min(G, n_tiles - group * G)
+            for g in range(n_group):
+                f0 = (group * G + g) * 8
+                cols = min(8, n_out - f0)
+                _widen_tile(w_gate, f0, cols, w_tiles[g], 0)
+                _widen_tile(w_up, f0, cols, w_tiles[g], 8)
+            for t0 in range(0, T, 4):
+                for g in range(n_group):
+                    f0 = (group * G + g) * 8
+                    block_4x16(x, t0, w_tiles[g], 0, block)
+                    for t in range(min(4, T - t0)):
+                        for j in range(min(8, n_out - f0)):
+                            y[t0 + t, f0 + j] = silu(block[t, j]) * block[t, 8 + j]

@@ -26,7 +26,9 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+# error_model="numpy": 1 + e^-g >= 1 is never 0, and Python's zero-division check on the divisor
+# kept every loop that calls silu from vectorising (measured 9x slower per element)
+@njit(error_model="numpy", cache=True)
 def silu(g: np.float32) -> np.float32:
     """g * sigmoid(g); exp(-g) overflows to inf for g << 0, where g / inf is the correct limit -0."""
     return g / (np.float32(1.0) + exp32(-g))

@@ -367,8 +367,10 @@ def test_attention_accepts_caches_that_are_not_contiguous():
     assert np.all(np.abs(got - attention_twin(q, k, v, 11)) <= attention_bound(q, k, v, 11))
 
 
-def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache():
-    q, keys, values, S = attention_case(np.random.default_rng(3), 4, 20, 2, 2, 8, 3, 1.0)
+# (T, hd): hd 8 goes a query row at a time; 16 query rows of hd 64 go through the tiled item
+@pytest.mark.parametrize(("T", "hd"), [(4, 8), (8, 64), (40, 64)])
+def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, hd):
+    q, keys, values, S = attention_case(np.random.default_rng(3), T, 20, 2, 2, hd, 3, 1.0)
     keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
     k_before, v_before = keys.copy(), values.copy()
     got = kernels.attention(q, keys, values, S)

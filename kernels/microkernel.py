@@ -1,0 +1,38 @@
+"""The innermost loop of the prefill GEMM and of prefill attention: a 4 x 16 block of x @ w_tile.
+
+Both multiply row blocks of an activation (4 rows at a time) by a tile of 16 columns laid out
+[K, 16] (transposed weight rows, transposed queries, or 16 columns of the values). The 4 x 16 sums stay in 8
+AVX2 registers for the whole loop over K (via `kernels.registers`): each step broadcasts one element
+of each of the 4 rows and needs 6 loads for 8 fused multiply-adds, with no horizontal sums.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from kernels.registers import register_block
+
+_FASTMATH = {"reassoc", "contract"}
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def block_4x16(x, t0, w, j0, block):
+    """block[:, :] = x[t0:t0+4, :K] @ w[:, j0:j0+16]: x [rows, >= K], w [K, >= j0 + 16], block [>= 4, 16].
+
+    Rows past the end of x are computed from its last row rather than branched around: the caller
+    stores only the rows that exist.
+    """
+    c = register_block(64)  # [4 * 16] c[t * 16 + j] accumulates block[t, j]
+    last = x.shape[0] - 1
+    x0, x1, x2, x3 = x[t0], x[min(t0 + 1, last)], x[min(t0 + 2, last)], x[min(t0 + 3, last)]  # [>= K] each
+    for k in range(w.shape[0]):
+        row = w[k, j0 : j0 + 16]  # [16] (sliced: an index j0 + j would be bounds-wrapped, not vectorised)
+        a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+        for j in range(16):
+            c[j] += a0 * row[j]
+            c[16 + j] += a1 * row[j]
+            c[32 + j] += a2 * row[j]
+            c[48 + j] += a3 * row[j]
+    for t in range(4):
+        for j in range(16):
+            block[t, j] = c[t * 16 + j]
