@@ -3,8 +3,8 @@
 Each public kernel has a NumPy twin in `qwen_ref` that is its specification (named in its
 docstring); tests/test_kernels.py checks that the two agree. Weights may be float32, float16, or
 bfloat16 held as raw uint16 words; activations are float32. The operations of a model backend
-(linear, linears, rms_norm, apply_rope, attention, swiglu) and silu_mul return new arrays and never
-write into their inputs; widen_rows fills the array it is given.
+(linear, linears, rms_norm, apply_rope, attention, swiglu) return new arrays and never write into
+their inputs; widen_rows fills the array it is given.
 
 Every kernel is compiled with `cache=True`: the first process compiles (tens of seconds), later
 ones load machine code from `__pycache__` beside these files, or from NUMBA_CACHE_DIR. With
@@ -15,7 +15,6 @@ from kernels.attention import attention
 from kernels.matmul import linear, linears, swiglu
 from kernels.norm import rms_norm
 from kernels.rope import apply_rope
-from kernels.silu import silu_mul
 from kernels.widen import widen_rows
 
-__all__ = ["apply_rope", "attention", "linear", "linears", "rms_norm", "silu_mul", "swiglu", "widen_rows"]
+__all__ = ["apply_rope", "attention", "linear", "linears", "rms_norm", "swiglu", "widen_rows"]

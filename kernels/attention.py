@@ -33,13 +33,14 @@ from kernels.exp import exp32
 from kernels.microkernel import block_4x16
 
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
-_QUERY_ROWS = 16  # query rows per work item: each block of K and V is read once for all of them
-# (query row, key) scores per block: a block of keys is 512 / rows keys, 32 for a full item (8 KB
-# of K at hd 64, in L1 for every row) and 512 / G in a decode step (G query heads per kv head:
-# 512 keys without GQA, 102 for Qwen1.5-32B's G = 5), where longer blocks spend less on the
-# per-block rescaling (measured 15% faster at 4K without GQA).
+# query rows per work item: each block of K and V is read once for all of them. Also the width of
+# block_4x16, which _item_tiled fills with one query row per column: change both together.
+_QUERY_ROWS = 16
+# (query row, key) scores per block in _item_by_rows (1 to 3 rows: decode without GQA; or hd not a
+# multiple of 16): a block of keys is 512 / rows keys, 512 in a decode step without GQA, where
+# longer blocks spend less on the per-block rescaling (measured 15% faster at 4K).
 _BLOCK_SCORES = 512
-_KEY_BLOCK = 64  # keys per block in _item_tiled: 16 KB of K and V at hd 64, in L1
+_KEY_BLOCK = 64  # keys per block in _item_tiled: 16 KB of K and V at hd 64, 32 KB at hd 128 (L1)
 _MIN_KEYS_PER_SPLIT = 256  # a key range shorter than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many items
 
@@ -147,24 +148,21 @@ def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, 
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, m_run, l_run, acc_run):
+def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weights, block, correction, m_run, l_run, acc_run):
     """The same as _item_by_rows for 4 to 16 rows and hd a multiple of 16, all rows at once: both
     products run on the GEMM micro-kernel, the scores as keys @ queries^T and the weighted values
     as weights @ values[:, 16 columns], so keys and values are read in place, never copied.
 
-    Spare query columns (rows .. 15) repeat the item's last row: computed, never stored.
+    Scratch: q_t [hd, 16], weights [16, _KEY_BLOCK], block [4, 16], correction [16]. Spare query
+    columns (rows .. 15) repeat the item's last row: computed, never stored.
     """
     R = _QUERY_ROWS
     hd = q.shape[2]
-    q_t = np.empty((hd, R), dtype=np.float32)  # [hd, R] the item's queries, one per column
     for i in range(R):
         t, h = divmod(r0 + min(i, rows - 1), G)
         query = q[t, j * G + h]  # [hd]
         for d in range(hd):
             q_t[d, i] = query[d]
-    p = np.empty((R, _KEY_BLOCK), dtype=np.float32)  # [R, keys] scores, then weights e^(s - m)
-    block = np.empty((4, 16), dtype=np.float32)
-    correction = np.empty(R, dtype=np.float32)  # [R] e^(m - m') for the running sums
     for b0 in range(lo, hi, _KEY_BLOCK):
         nb = min(_KEY_BLOCK, hi - b0)
         ks, vs = keys[b0 : b0 + nb], values[b0 : b0 + nb]  # [nb, hd] each
@@ -172,34 +170,34 @@ def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, m_run, l_r
             block_4x16(ks, k0, q_t, 0, block)  # block[b, i] = keys[k0 + b] . query i
             for b in range(min(4, nb - k0)):
                 for i in range(R):
-                    p[i, k0 + b] = block[b, i]
+                    weights[i, k0 + b] = block[b, i]
         for i in range(rows):
             # one row at a time: loops over keys of runtime length, which LLVM vectorises
-            weights = p[i]  # [keys]
+            row = weights[i]  # [keys] scores, then e^(s - m)
             n_seen = min(nb, past + (r0 + i) // G + 1 - b0)  # query t sees keys 0 .. past + t
             if n_seen <= 0:
                 correction[i] = 1.0
-                weights[:nb] = 0.0
+                row[:nb] = 0.0
                 continue
             block_max = np.float32(-np.inf)
             for b in range(n_seen):
-                weights[b] *= scale  # after the dot product, as the twin scales
-                block_max = max(block_max, weights[b])
+                row[b] *= scale  # after the dot product, as the twin scales
+                block_max = max(block_max, row[b])
             m_new = max(m_run[i], block_max)
             correction[i] = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
             row_sum = l_run[i] * correction[i]
             for b in range(n_seen):
-                weights[b] = exp32(weights[b] - m_new)
-                row_sum += weights[b]
-            weights[n_seen:nb] = 0.0  # keys after the query's own position
+                row[b] = exp32(row[b] - m_new)
+                row_sum += row[b]
+            row[n_seen:nb] = 0.0  # keys after the query's own position
             m_run[i], l_run[i] = m_new, row_sum
         for d0 in range(0, hd, 16):
-            for t0 in range(0, rows, 4):
-                block_4x16(p, t0, vs, d0, block)  # block[t, c] = weights[t0 + t] . values[:, d0 + c]
-                for t in range(min(4, rows - t0)):
-                    out = acc_run[t0 + t]  # [hd]
+            for i0 in range(0, rows, 4):
+                block_4x16(weights, i0, vs, d0, block)  # block[i, c] = weights[i0 + i] . values[:, d0 + c]
+                for i in range(min(4, rows - i0)):
+                    out = acc_run[i0 + i]  # [hd]
                     for c in range(16):
-                        out[d0 + c] = out[d0 + c] * correction[t0 + t] + block[t, c]
+                        out[d0 + c] = out[d0 + c] * correction[i0 + i] + block[i, c]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -216,18 +214,23 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
     n_items = Hkv * n_blocks * n_splits
     n_parts = min(n_threads, n_items)  # given by the caller: get_num_threads() here would defeat caching
     for part in prange(n_parts):
-        # one scratch per thread: scores, then weights [rows, block]; running m, l [rows]; acc [rows, hd]
+        # one scratch per thread: running m, l [rows] and acc [rows, hd]; for _item_by_rows the scores,
+        # then weights [rows, block]; for _item_tiled the same as [rows, keys] and its other scratch
         scores = np.empty((_QUERY_ROWS, _BLOCK_SCORES), dtype=np.float32)
+        q_t = np.zeros((hd, _QUERY_ROWS), dtype=np.float32)
+        weights = np.zeros((_QUERY_ROWS, _KEY_BLOCK), dtype=np.float32)
+        block = np.empty((4, 16), dtype=np.float32)
+        correction = np.empty(_QUERY_ROWS, dtype=np.float32)
         m_run = np.empty(_QUERY_ROWS, dtype=np.float32)
         l_run = np.empty(_QUERY_ROWS, dtype=np.float32)
         acc_run = np.empty((_QUERY_ROWS, hd), dtype=np.float32)
         for item in range(part * n_items // n_parts, (part + 1) * n_items // n_parts):
-            block, rest = divmod(item, Hkv * n_splits)
+            row_block, rest = divmod(item, Hkv * n_splits)
             j, split = divmod(rest, n_splits)
             # Row blocks in the order 0, last, 1, last-1, ...: each thread's contiguous run of items
             # then mixes short (early) and long (late) causal rows, which balances the threads.
-            block = block // 2 if block % 2 == 0 else n_blocks - 1 - block // 2
-            r0 = block * _QUERY_ROWS
+            row_block = row_block // 2 if row_block % 2 == 0 else n_blocks - 1 - row_block // 2
+            r0 = row_block * _QUERY_ROWS
             rows = min(_QUERY_ROWS, n_rows - r0)
             lo = split * split_len
             hi = min(lo + split_len, past + (r0 + rows - 1) // G + 1)  # the last row sees the most keys
@@ -236,7 +239,8 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
             l_run[:] = 0.0
             acc_run[:] = 0.0
             if rows >= 4 and hd % 16 == 0:
-                _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, m_run, l_run, acc_run)
+                _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weights, block, correction,
+                            m_run, l_run, acc_run)
             else:
                 _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run)
             for i in range(rows):

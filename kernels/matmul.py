@@ -1,18 +1,18 @@
 """y = x @ W.T + b over weights in their stored dtype (float32, bfloat16 or float16 words).
 
-Two kernels, chosen by the number of rows of x:
+Two kinds of kernel, chosen by the number of rows of x:
   - `_gemv` (the decode step, T = 1, and T <= 3) streams every weight row once, widening it in
     registers. It is bound by memory bandwidth, so it is parallel over output rows and does nothing
     else. bfloat16 rows of even length are read as uint32 pairs (`_dot_bf16_pairs`: a shift and a
     mask widen both words, no shuffles). It takes several weights at once (`linears`: q, k and v;
     `swiglu`: gate and up, with the SwiGLU gate applied as each pair of rows is done), because each
     parallel region costs a thread wake-up and a wait for the slower thread: on the decode step of
-    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu_mul. The weight GEMVs of a
+    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The weight GEMVs of a
     whole step, called back to back, stream at the machine's read bandwidth (32 GB/s against 32-33
     for tools/bench.py's streaming read); per core the bf16 GEMV reads ~17 GB/s against ~21 for a
     float32 sum, the cost of widening.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
-    scratch, a group of tiles at a time (up to 256 KB, so they stay in L2), and runs every block of
+    scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and runs every block of
     4 rows of x over the group with `kernels.microkernel.block_4x16`, which keeps a 4 x 16 block of
     y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
     tile. One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
@@ -48,9 +48,9 @@ _FASTMATH = {"reassoc", "contract"}
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
 # widening tiles (one thread, [2816, 1024] bf16: 0.46 ms against 0.71 ms at T = 2, even at T = 4).
 _GEMV_MAX_ROWS = 3
-# The GEMM widens this many bytes of tiles (up to _MAX_GROUP tiles) and runs each block of 4 rows of
-# x over all of them: the tiles stay in L2 (512 KB per core here) and x is read from L3 once per
-# group rather than once per tile.
+# The GEMM widens up to this many bytes of tiles (at least one tile, at most _MAX_GROUP) and runs each
+# block of 4 rows of x over all of them: the tiles stay in L2 (512 KB per core here) and x is read
+# from L3 once per group rather than once per tile.
 _GROUP_BYTES = 256 * 1024
 _MAX_GROUP = 4
 
@@ -94,8 +94,8 @@ def linears(
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
     """silu(x @ w_gate.T) * (x @ w_up.T); NumPy twin: `qwen_ref.mlp.swiglu`.
 
-    For a few rows of x the two products and the gate share one parallel pass over both weights.
-    Returns a new [T, F] float32 array.
+    One parallel pass over both weights, the gate applied as each block of outputs is done
+    (`_gemv_swiglu` for a few rows of x, `_gemm_swiglu` for more). Returns a new [T, F] float32 array.
     """
     if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
         raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
@@ -223,9 +223,11 @@ def _widen_tile(weight, r0, cols, w_tile, j0):
 
 
 @njit(cache=True)
-def _group_size(n_in):
-    """Tiles widened together: up to _GROUP_BYTES of float32 scratch, at most _MAX_GROUP tiles."""
-    return max(1, min(_MAX_GROUP, _GROUP_BYTES // (64 * n_in)))
+def _tiles_per_group(n_in, n_tiles, n_threads):
+    """Tiles widened together: up to _GROUP_BYTES of [n_in, 16] float32 tiles, at most _MAX_GROUP,
+    and no more than leaves every thread a group."""
+    tile_bytes = 16 * 4 * max(n_in, 1)
+    return max(1, min(_MAX_GROUP, _GROUP_BYTES // tile_bytes, n_tiles // n_threads))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -236,24 +238,24 @@ def _gemm(x, weight, bias, y, n_threads):
     n_out = weight.shape[0]
     has_bias = bias.shape[0] > 0
     n_tiles = (n_out + 15) // 16
-    G = _group_size(n_in)
-    n_groups = (n_tiles + G - 1) // G
+    per_group = _tiles_per_group(n_in, n_tiles, n_threads)
+    n_groups = (n_tiles + per_group - 1) // per_group
     n_parts = min(n_threads, n_groups)
     for part in prange(n_parts):
-        w_tiles = np.zeros((G, n_in, 16), dtype=np.float32)  # [G, n_in, 16] one scratch per thread
-        bias_tiles = np.zeros((G, 16), dtype=np.float32)  # [G, 16]
-        block = np.empty((4, 16), dtype=np.float32)  # [4, 16]
+        w_tiles = np.zeros((per_group, n_in, 16), dtype=np.float32)  # one scratch per thread
+        bias_tiles = np.zeros((per_group, 16), dtype=np.float32)
+        block = np.empty((4, 16), dtype=np.float32)
         for group in range(part * n_groups // n_parts, (part + 1) * n_groups // n_parts):
-            n_group = min(G, n_tiles - group * G)
-            for g in range(n_group):
-                r0 = (group * G + g) * 16
+            in_group = min(per_group, n_tiles - group * per_group)  # the last group may be smaller
+            for g in range(in_group):
+                r0 = (group * per_group + g) * 16
                 cols = min(16, n_out - r0)  # the last tile may be narrower; its spare columns are not stored
                 _widen_tile(weight, r0, cols, w_tiles[g], 0)
                 for j in range(cols):
                     bias_tiles[g, j] = widen(bias[r0 + j]) if has_bias else np.float32(0.0)
             for t0 in range(0, T, 4):
-                for g in range(n_group):
-                    r0 = (group * G + g) * 16
+                for g in range(in_group):
+                    r0 = (group * per_group + g) * 16
                     block_4x16(x, t0, w_tiles[g], 0, block)
                     for t in range(min(4, T - t0)):
                         for j in range(min(16, n_out - r0)):
@@ -267,22 +269,22 @@ def _gemm_swiglu(x, w_gate, w_up, y, n_threads):
     T, n_in = x.shape
     n_out = w_gate.shape[0]
     n_tiles = (n_out + 7) // 8
-    G = _group_size(n_in)
-    n_groups = (n_tiles + G - 1) // G
+    per_group = _tiles_per_group(n_in, n_tiles, n_threads)
+    n_groups = (n_tiles + per_group - 1) // per_group
     n_parts = min(n_threads, n_groups)
     for part in prange(n_parts):
-        w_tiles = np.zeros((G, n_in, 16), dtype=np.float32)  # [G, n_in, 16]: 8 gate rows, then 8 up rows
-        block = np.empty((4, 16), dtype=np.float32)  # [4, 16]
+        w_tiles = np.zeros((per_group, n_in, 16), dtype=np.float32)  # 8 gate rows, then 8 up rows, per tile
+        block = np.empty((4, 16), dtype=np.float32)
         for group in range(part * n_groups // n_parts, (part + 1) * n_groups // n_parts):
-            n_group = min(G, n_tiles - group * G)
-            for g in range(n_group):
-                f0 = (group * G + g) * 8
+            in_group = min(per_group, n_tiles - group * per_group)
+            for g in range(in_group):
+                f0 = (group * per_group + g) * 8
                 cols = min(8, n_out - f0)
                 _widen_tile(w_gate, f0, cols, w_tiles[g], 0)
                 _widen_tile(w_up, f0, cols, w_tiles[g], 8)
             for t0 in range(0, T, 4):
-                for g in range(n_group):
-                    f0 = (group * G + g) * 8
+                for g in range(in_group):
+                    f0 = (group * per_group + g) * 8
                     block_4x16(x, t0, w_tiles[g], 0, block)
                     for t in range(min(4, T - t0)):
                         for j in range(min(8, n_out - f0)):

@@ -1,9 +1,9 @@
-"""The innermost loop of the prefill GEMM and of prefill attention: a 4 x 16 block of x @ w_tile.
+"""The innermost loop of the prefill GEMM and of attention on 4 or more query rows: x @ w, 4 x 16.
 
-Both multiply row blocks of an activation (4 rows at a time) by a tile of 16 columns laid out
-[K, 16] (transposed weight rows, transposed queries, or 16 columns of the values). The 4 x 16 sums stay in 8
-AVX2 registers for the whole loop over K (via `kernels.registers`): each step broadcasts one element
-of each of the 4 rows and needs 6 loads for 8 fused multiply-adds, with no horizontal sums.
+Both multiply blocks of 4 rows by 16 columns of a [K, >= 16] operand (transposed weight rows,
+transposed queries, or 16 columns of the values). The 4 x 16 sums stay in 8 AVX2 registers for
+the whole loop over K (via `kernels.registers`): each step broadcasts one element of each of the 4
+rows and needs 6 loads for 8 fused multiply-adds, with no horizontal sums.
 """
 
 from __future__ import annotations

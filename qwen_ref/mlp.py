@@ -1,4 +1,4 @@
-"""The SwiGLU gate of the MLP: the NumPy specification of the swiglu and silu_mul kernels."""
+"""The SwiGLU gate of the MLP: the NumPy specification of the swiglu kernel."""
 
 import numpy as np
 

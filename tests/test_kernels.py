@@ -219,7 +219,7 @@ def test_swiglu_matches_numpy_twin(T, D, F, dtype, seed):
     assert got.shape == (T, F)
     # gate g and up u each carry the dot-product bound e_g, e_u; |silu'| <= 1.1, so the product is off
     # by at most 1.1 e_g |u| + |silu(g)| e_u (+ e_g e_u), plus the exp/division/product rounding and
-    # the one-sided overflow of the silu_mul test (16 U relative, 3e-37 |u| absolute)
+    # the one-sided overflow of the gate test below (16 U relative, 3e-37 |u| absolute)
     abs_x = np.abs(x)
     e_g = sum_order_bound(abs_x, np.abs(to_float32(w_gate)), 0.0)
     e_u = sum_order_bound(abs_x, np.abs(to_float32(w_up)), 0.0)
@@ -230,8 +230,27 @@ def test_swiglu_matches_numpy_twin(T, D, F, dtype, seed):
     assert np.all(np.abs(got - want) <= bound)
 
 
+@pytest.mark.parametrize("D", [1100, 2100, 5000])
+def test_swiglu_of_wide_inputs_groups_fewer_tiles_and_ends_on_a_ragged_tile(D):
+    # n_in 1100, 2100 and 5000: 3, 1 and 1 tiles per group of the GEMM (the last wider than its
+    # budget), F = 37 ends on a tile of 5 gate and 5 up rows; T = 13 on ragged blocks of 4 rows
+    rng = np.random.default_rng(D)
+    x = rng.standard_normal((13, D), dtype=np.float32)
+    w_gate, w_up = stored(rng.standard_normal((37, D)), "BF16"), stored(rng.standard_normal((37, D)), "BF16")
+    abs_x = np.abs(x)
+    e_g = sum_order_bound(abs_x, np.abs(to_float32(w_gate)), 0.0)
+    e_u = sum_order_bound(abs_x, np.abs(to_float32(w_up)), 0.0)
+    for rows in (x[:2], x):  # GEMV, then GEMM
+        got = kernels.swiglu(rows, w_gate, w_up)
+        want = swiglu_twin(rows, w_gate, w_up)
+        up = np.abs(linear_twin(rows, w_up))
+        n = len(rows)
+        bound = 1.1 * e_g[:n] * (up + e_u[:n]) + (np.abs(linear_twin(rows, w_gate)) + e_g[:n]) * e_u[:n]
+        assert np.all(np.abs(got - want) <= bound + 16 * U * np.abs(want) + 3e-37 * (up + e_u[:n]))
+
+
 # ---------------------------------------------------------------------------------------------
-# rms_norm, apply_rope, silu_mul
+# rms_norm, apply_rope, the SwiGLU gate
 
 
 @settings(max_examples=40, deadline=None)
@@ -275,21 +294,23 @@ def test_apply_rope_matches_numpy_twin_bit_for_bit(T, n_heads, hd, past, seed):
 @settings(max_examples=40, deadline=None)
 @given(
     T=st.sampled_from([1, 3, 30, 64]),
-    F=st.sampled_from([1, 5, 48, 2816]),
+    F=st.sampled_from([1, 5, 48, 300]),
     scale=st.sampled_from([0.1, 3.0, 100.0]),
     seed=seeds,
 )
-def test_silu_mul_matches_numpy_twin(T, F, scale, seed):
+def test_swiglu_gate_matches_numpy_silu_over_its_range(T, F, scale, seed):
+    # identity weights make gate and up x itself, exactly (one product by 1, the others by 0), so the
+    # outputs are silu(x) * x as the kernels' epilogues compute it (the GEMV for T <= 3, else the GEMM)
     rng = np.random.default_rng(seed)
-    gate = (scale * rng.standard_normal((T, F))).astype(np.float32)
-    up = rng.standard_normal((T, F), dtype=np.float32)
-    got = kernels.silu_mul(gate, up)
-    want = silu_mul_twin(gate, up)
+    x = (scale * rng.standard_normal((T, F))).astype(np.float32)
+    eye = np.eye(F, dtype=np.float32)
+    got = kernels.swiglu(x, eye, eye)
+    want = silu_mul_twin(x, x)
     # exp32 is within 1 ulp (test above), NumPy's SIMD float32 exp within 3 ulp, so they differ by at
     # most 4 ulp = 8 U relative; 1 + e, the division and the product round once on each side: 14 U,
     # and 16 U leaves a margin. Where exp(-g) overflows on one side only (-g ~ ln FLT_MAX = 88.72)
     # one side gives -0 and the other g / FLT_MAX, below 3e-37 in magnitude.
-    assert np.all(np.abs(got - want) <= 16 * U * np.abs(want) + 3e-37 * np.abs(up))
+    assert np.all(np.abs(got - want) <= 16 * U * np.abs(want) + 3e-37 * np.abs(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,14 +368,37 @@ def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare
     assert np.all(np.abs(got - want) <= attention_bound(q, keys, values, S))
 
 
+# hd 64 with T * G >= 4 query rows per kv head goes through the tiled item, fewer rows or hd 66 a row at a time
 @pytest.mark.parametrize(
-    ("T", "past", "Hkv", "G"), [(1, 1500, 1, 8), (1, 3000, 2, 1), (2, 1200, 1, 4), (3, 700, 1, 2)]
+    ("T", "past", "Hkv", "G", "hd"),
+    [(1, 1500, 1, 8, 64), (1, 3000, 2, 1, 64), (2, 1200, 1, 4, 64), (3, 700, 1, 2, 64), (3, 700, 1, 1, 64),
+     (2, 1200, 1, 4, 66)],
 )
-def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G):
+def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G, hd):
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
     # with any number of threads (2 to 4 ranges here even on one thread)
-    q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, 64, 5, 2.0)
+    q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, hd, 5, 2.0)
     got = kernels.attention(q, keys, values, S)
+    assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
+
+
+@pytest.mark.parametrize("hd", [64, 8])
+def test_attention_merges_key_ranges_that_some_query_rows_never_reach(hd):
+    # More key ranges than a 2-core machine asks for (many threads would): with 4 ranges of 9 keys
+    # over S = 36, the early query rows see nothing in the later ranges (their m stays -inf, l and
+    # acc 0) and whole items lie past their rows; the merge must weigh those ranges by 0.
+    import importlib
+
+    impl = importlib.import_module("kernels.attention")  # the module, shadowed by the function in kernels
+    q, keys, values, S = attention_case(np.random.default_rng(11), 16, 20, 1, 1, hd, 2, 1.0)
+    T, H, _ = q.shape
+    n_splits = 4
+    m = np.empty((n_splits, T, H), dtype=np.float32)
+    l = np.empty((n_splits, T, H), dtype=np.float32)
+    acc = np.empty((n_splits, T, H, hd), dtype=np.float32)
+    impl._attend(q, keys, values, S, m, l, acc, 2)
+    got = np.empty((T, H * hd), dtype=np.float32)
+    impl._merge(m, l, acc, got)
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
 
 
@@ -367,10 +411,11 @@ def test_attention_accepts_caches_that_are_not_contiguous():
     assert np.all(np.abs(got - attention_twin(q, k, v, 11)) <= attention_bound(q, k, v, 11))
 
 
-# (T, hd): hd 8 goes a query row at a time; 16 query rows of hd 64 go through the tiled item
-@pytest.mark.parametrize(("T", "hd"), [(4, 8), (8, 64), (40, 64)])
-def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, hd):
-    q, keys, values, S = attention_case(np.random.default_rng(3), T, 20, 2, 2, hd, 3, 1.0)
+# hd 8 goes a query row at a time; hd 64 with 4 or more query rows per kv head through the tiled
+# item, in full and partial blocks of 64 keys, and split into key ranges for the decode step
+@pytest.mark.parametrize(("T", "past", "G", "hd"), [(4, 20, 2, 8), (8, 20, 2, 64), (40, 100, 2, 64), (1, 1500, 8, 64)])
+def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, past, G, hd):
+    q, keys, values, S = attention_case(np.random.default_rng(3), T, past, 2, G, hd, 3, 1.0)
     keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
     k_before, v_before = keys.copy(), values.copy()
     got = kernels.attention(q, keys, values, S)
@@ -422,7 +467,6 @@ _SMOKE = textwrap.dedent(
     import numpy as np
     import kernels
     from qwen_ref.backends import NUMPY
-    from qwen_ref.mlp import silu_mul as silu_mul_twin
 
     rng = np.random.default_rng(0)
     def ro(a):
@@ -444,9 +488,11 @@ _SMOKE = textwrap.dedent(
     k, v = cache[0], cache[1]
     worst = max(worst, np.abs(kernels.attention(q, k, v, 5) - NUMPY.attention(q, k, v, 5)).max())
     worst = max(worst, np.abs(kernels.attention(q[:1], k, v, 5) - NUMPY.attention(q[:1], k, v, 5)).max())
+    q16 = rng.standard_normal((5, 4, 16), dtype=np.float32)  # 10 query rows per kv head of hd 16: the tiled item
+    cache16 = rng.standard_normal((2, 2, 9, 16), dtype=np.float32)
+    worst = max(worst, np.abs(kernels.attention(q16, cache16[0], cache16[1], 5) - NUMPY.attention(q16, cache16[0], cache16[1], 5)).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
     worst = max(worst, np.abs(kernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
-    worst = max(worst, np.abs(kernels.silu_mul(x, x) - silu_mul_twin(x, x)).max())
     print("worst", worst)
     """
 )

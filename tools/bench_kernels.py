@@ -6,9 +6,9 @@
 Sections:
   gemv       decode matrix-vector products on Qwen1.5-0.5B shapes, in GB/s of weights read,
              against a parallel Numba loop that only streams the same bytes (the bandwidth bound)
-  gemm       prefill products (512 tokens) in GFLOP/s, against NumPy's BLAS on float32 weights
+  gemm       prefill products (512 tokens, swiglu included) in GFLOP/s, against NumPy's BLAS on float32 weights
   attention  prefill and decode attention against the NumPy twin
-  small      RMSNorm, RoPE and silu*up at T = 1 and T = 512
+  small      RMSNorm and RoPE at T = 1 and T = 512
   jit        compile time of every kernel in a fresh process with an empty cache, then warm
 
 Times are the median (and best) of --repeats runs: the machine is shared and noisy.
@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 
 import kernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
-from qwen_ref.mlp import silu_mul as silu_mul_twin  # noqa: E402
 from bench_workers import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
@@ -96,6 +95,12 @@ def bench_gemm(repeats: int) -> None:
             report(f"{name}: numba", lambda: kernels.linear(x, w, None), n_repeats, flops, "GFLOP/s")
             if dtype == "bf16":
                 report(f"{name}: numpy twin", lambda: NUMPY.linear(x, w, None), n_repeats, flops, "GFLOP/s")
+    x = rng.standard_normal((T, 1024), dtype=np.float32)
+    w_gate, w_up = stored(rng, (2816, 1024), "bf16"), stored(rng, (2816, 1024), "bf16")
+    name = f"swiglu T={T} [2816,1024] x2 bf16"
+    flops = 4 * T * 2816 * 1024 / 1e9
+    report(f"{name}: numba", lambda: kernels.swiglu(x, w_gate, w_up), repeats, flops, "GFLOP/s")
+    report(f"{name}: numpy twin", lambda: NUMPY.swiglu(x, w_gate, w_up), repeats, flops, "GFLOP/s")
     w = stored(rng, (2816, 1024), "bf16")
     for T in (2, 3, 4, 8, 16):  # few rows: GEMV up to 3, then GEMM; in GB/s of weights read
         x = rng.standard_normal((T, 1024), dtype=np.float32)
@@ -123,15 +128,13 @@ def bench_small(repeats: int) -> None:
         w = stored(rng, (1, 1024), "bf16")[0]
         q = rng.standard_normal((T, 16, 64), dtype=np.float32)
         cos, sin = rng.standard_normal((T, 32), dtype=np.float32), rng.standard_normal((T, 32), dtype=np.float32)
-        gate, up = rng.standard_normal((T, 2816), dtype=np.float32), rng.standard_normal((T, 2816), dtype=np.float32)
         n = 20 * repeats if T == 1 else repeats
         for name, args, size in [
             (f"rms_norm [{T},1024]", (x, w, 1e-6), x.size),
             (f"apply_rope [{T},16,64]", (q, cos, sin), q.size),
-            (f"silu_mul [{T},2816]", (gate, up), gate.size),
         ]:
             op = name.split()[0]
-            twin = silu_mul_twin if op == "silu_mul" else getattr(NUMPY, op)
+            twin = getattr(NUMPY, op)
             report(f"{name}: numba", lambda: getattr(kernels, op)(*args), n, size / 1e6, "Melem/s")
             report(f"{name}: numpy twin", lambda: twin(*args), n, size / 1e6, "Melem/s")
 
@@ -153,7 +156,9 @@ q = rng.standard_normal((5, 4, 8), dtype=np.float32)
 cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
 kernels.attention(q, cache[0], cache[1], 5)
 kernels.apply_rope(q, x[:, :4], x[:, :4])
-kernels.silu_mul(x, x)
+q16 = rng.standard_normal((5, 4, 16), dtype=np.float32)  # hd 16, 10 query rows per kv head: the tiled item
+cache16 = rng.standard_normal((2, 2, 9, 16), dtype=np.float32)
+kernels.attention(q16, cache16[0], cache16[1], 5)
 print(time.perf_counter() - start)
 """
 
