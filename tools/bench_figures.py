@@ -94,10 +94,11 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
                 m["kv_cache_bytes"] = kv
         else:
             P = m["spec"]["prompt"]
-            gemm = measurements.get(f"ceiling/gemm/{shape}/T{P}/{threads}")
+            gemm = gemm_ceiling(measurements, shape, P, threads)
             m["flops_per_token"] = prefill_flops_per_token(f, P)
             if gemm:
-                m["ceiling"] = gemm["median"] * 1e9 / m["flops_per_token"]
+                m["ceiling_gflops"] = gemm
+                m["ceiling"] = gemm * 1e9 / m["flops_per_token"]
         if "ceiling" in m:
             m["fraction_of_ceiling"] = m["median"] / m["ceiling"]
         if impl == "qwen-ref":
@@ -110,6 +111,14 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
 def bandwidth_ceiling(measurements: dict[str, dict], threads: str) -> float | None:
     """GB/s of the decode ceilings: the higher median of the streaming reads at the start and end of the run."""
     found = [measurements.get(f"ceiling/{label}/anon/{threads}") for label in ("bandwidth", "bandwidth-end")]
+    found = [m["median"] for m in found if m and "error" not in m]
+    return max(found) if found else None
+
+
+def gemm_ceiling(measurements: dict[str, dict], shape: str, prompt: int, threads: str) -> float | None:
+    """GFLOP/s of the prefill ceilings: the higher median of the BLAS runs at the start and end of the run
+    (the end run has the run's thread count only)."""
+    found = [measurements.get(f"ceiling/{label}/{shape}/T{prompt}/{threads}") for label in ("gemm", "gemm-end")]
     found = [m["median"] for m in found if m and "error" not in m]
     return max(found) if found else None
 

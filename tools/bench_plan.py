@@ -32,7 +32,7 @@ class Plan:
     profile_steps: int = 16  # decode steps timed op by op, per repeat
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # what transformers computes in
     repeats: int = 3
-    paired_rounds: int = 3  # qwen-ref then transformers, again and again, for the two ratios the targets name
+    paired_rounds: int = 5  # qwen-ref then transformers, again and again, for the two ratios the targets name
     ceiling_repeats: int = 10
     stream_bytes: int = 2**30  # the bandwidth kernel's array: larger than every cache
     quiet_wait: float = 90.0  # seconds a workload may spend in all waiting for other processes to leave the CPUs
@@ -64,12 +64,15 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
                         "stream_bytes": plan.stream_bytes, "repeats": plan.ceiling_repeats,
                         "mmap_file": str(ckpt_root / checkpoint_name(plan.shapes[0], "bf16") / "model.safetensors")})
 
+    def gemm(n: int, label: str) -> Workload:
+        return Workload(f"ceiling/{label}/{n}t", {"kind": "gemm", "threads": n, "label": label,
+                        "repeats": plan.ceiling_repeats, "prompts": list(plan.prefill_prompts),
+                        "shapes": {s: str(ckpt_root / checkpoint_name(s, "bf16")) for s in plan.shapes}})
+
     work: list[Workload] = []
     for n in sorted({1, threads}):
         work.append(bandwidth(n, "bandwidth"))
-        work.append(Workload(f"ceiling/gemm/{n}t", {"kind": "gemm", "threads": n, "repeats": plan.ceiling_repeats,
-                    "shapes": {s: str(ckpt_root / checkpoint_name(s, "bf16")) for s in plan.shapes},
-                    "prompts": list(plan.prefill_prompts)}))
+        work.append(gemm(n, "gemm"))
 
     for shape in plan.shapes:
         for dtype in plan.dtypes:
@@ -102,8 +105,10 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
                     work.append(_prefill(f"{prefix}/prefill-{plan.prefill_prompts[-1]}/1t", "hf_prefill", hf_ckpt, 1,
                                          plan, plan.prefill_prompts[-1], torch_dtype=torch_dtype))
     work.extend(_paired_rounds(plan, threads, ckpt_root))
-    # The host's memory bandwidth drifts (other virtual machines); measuring it again shows by how much.
+    # The host's memory bandwidth and GEMM throughput drift (other virtual machines); measuring them
+    # again shows by how much, and the ceilings take the higher of the two.
     work.append(bandwidth(threads, "bandwidth-end"))
+    work.append(gemm(threads, "gemm-end"))
     for w in work:
         w.spec["quiet_wait"] = plan.quiet_wait
     return work

@@ -102,9 +102,12 @@ def markdown(results: dict, plan: Plan) -> str:
             for kind in ("anon", "mmap-file") if any(M.get(f"ceiling/{label}/{kind}/{n}t") for n in (1, threads))]
     lines += _table(["read bandwidth, GB/s", *[f"{n} thread(s)" for n in sorted({1, threads})]], rows) + [""]
     rows = []
-    for shape in plan.shapes:
-        for P in plan.prefill_prompts:
-            rows.append([f"{shape} layer, T={P}", *[_range(M.get(f"ceiling/gemm/{shape}/T{P}/{n}t")) for n in sorted({1, threads})]])
+    for label, when in (("gemm", ""), ("gemm-end", ", again at the end")):
+        for shape in plan.shapes:
+            for P in plan.prefill_prompts:
+                found = [M.get(f"ceiling/{label}/{shape}/T{P}/{n}t") for n in sorted({1, threads})]
+                if any(found):
+                    rows.append([f"{shape} layer, T={P}{when}", *[_range(m) + _busy(m) for m in found]])
     blas = next((m.get("blas") for m in M.values() if m.get("blas")), None)
     lines += ["Float32 GEMM: NumPy's BLAS (" + (", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
               for b in blas) if blas else "?") + ") on the seven products of one decoder layer, `x[T, n_in] @ W.T`.", ""]
@@ -114,7 +117,7 @@ def markdown(results: dict, plan: Plan) -> str:
               "norm, the LM head (for a tied model the embedding matrix, read as the head), one embedding row, and "
               "the KV cache at the step's context (keys and values, float32 in qwen-ref: 2 x L x Hkv x hd x 4 bytes "
               "per position; transformers keeps its cache in the model dtype). Prefill ceiling = GEMM GFLOP/s at the "
-              "prompt's T / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
+              "prompt's T (the higher median of the start and the end of the run) / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
               "only) + 4 x L x H x hd x (T + 1) / 2 (causal attention).", ""]
 
     lines += ["## Decode", "", f"Greedy, {plan.prompt}-token prompt, {plan.new_tokens} new tokens per repeat "

@@ -192,7 +192,7 @@ def work_gemm(spec: dict) -> list[dict]:
             layer = functools.partial(_layer_gflops, x, weights)
             layer(), layer()  # warm-up
             m = measure(layer, spec, f"{shape} T={T}", "GFLOP/s")
-            out.append({"name": f"ceiling/gemm/{shape}/T{T}/{spec['threads']}t", "matrices": mats, "tokens": T,
+            out.append({"name": f"ceiling/{spec['label']}/{shape}/T{T}/{spec['threads']}t", "matrices": mats, "tokens": T,
                         "blas": blas, **m})
     return out
 
