@@ -7,7 +7,9 @@ bfloat16 held as raw uint16 words; activations are float32. The operations of a 
 their inputs; widen_rows fills the array it is given.
 
 Every kernel is compiled with `cache=True`: the first process compiles (tens of seconds), later
-ones load machine code from `__pycache__` beside these files, or from NUMBA_CACHE_DIR. With
+ones load machine code from `__pycache__` beside these files, or from NUMBA_CACHE_DIR. Numba checks
+only the file a cached function is written in: after editing a module that others call (widen,
+exp, silu, microkernel, registers), delete `kernels/__pycache__`, or the callers keep the old code. With
 NUMBA_DISABLE_JIT=1 the same code runs as plain Python, slowly, for stepping through in a debugger.
 """
 

@@ -6,7 +6,9 @@ weight array says how to read its words:
 
     float32  the value itself
     uint16   a bfloat16 word: the high half of a float32, so widening is a 16-bit shift
-    int16    a float16 word (a float16 array viewed as int16 by the caller, see `as_kernel_dtype`)
+    int16    a float16 word (a float16 array viewed as int16 by the caller, see `as_kernel_dtype`):
+             LLVM's `fpext half to float` on a CPU with F16C (vcvtph2ps, 8 words at a time, 4x the
+             float16 GEMV speed of the bit manipulation), else the bit manipulation of `_f16_to_f32`
 
 Numba also cannot reinterpret a scalar's bits (`x.view` works on arrays only), so the two
 bit-casts below are LLVM `bitcast` instructions. Under NUMBA_DISABLE_JIT the Python bodies of
@@ -16,6 +18,7 @@ bit-casts below are LLVM `bitcast` instructions. Under NUMBA_DISABLE_JIT the Pyt
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -101,6 +104,24 @@ def _f16_to_f32(word):
     return f32_from_bits(_bits_from_f32(value) | ((h & _U(0x8000)) << _U(16)))
 
 
+@intrinsic
+def _f16_to_f32_convert(typingctx, word):
+    """A float16 word converted by LLVM (`fpext half to float`): vcvtph2ps on a CPU with F16C,
+    8 words per instruction once vectorised. Exact, like the bit manipulation above; a signalling
+    nan comes back quiet."""
+    if word != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(word), codegen
+
+
+# Without F16C, LLVM would call a helper function for `fpext half` that Numba does not link.
+_HAS_F16C = "+f16c" in llvm.get_host_cpu_features().flatten().split(",")
+
+
 @overload(widen)
 def _widen_jit(word):
     if word == types.float32:
@@ -108,7 +129,7 @@ def _widen_jit(word):
     if word == types.uint16:
         return _bf16_to_f32
     if word == types.int16:
-        return _f16_to_f32
+        return (lambda word: _f16_to_f32_convert(word)) if _HAS_F16C else _f16_to_f32
     return None
 
 
