@@ -10,7 +10,8 @@ Two kinds of kernel, chosen by the number of rows of x:
     Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The weight GEMVs of a
     whole step, called back to back, stream at the machine's read bandwidth (32 GB/s against 32-33
     for tools/bench.py's streaming read); per core the bf16 GEMV reads ~17 GB/s against ~21 for a
-    float32 sum, the cost of widening.
+    float32 sum, the cost of widening. float16 rows are widened by vcvtph2ps where the CPU has
+    F16C (`kernels.widen`); without it the float16 GEMV is bound by computation, not memory.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
     scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and runs every block of
     4 rows of x over the group with `kernels.microkernel.block_4x16`, which keeps a 4 x 16 block of

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 import kernels
+import kernels.widen as widen_module
 from kernels.exp import exp32
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.linear import linear as linear_twin
@@ -69,8 +70,33 @@ def test_float16_widening_matches_numpy_for_all_65536_words_including_subnormals
     kernels.widen_rows(words.view(np.int16), out)  # float16 reaches the kernels as int16 words
     # bit comparison, except that the F16C conversion sets the quiet bit of a signalling nan (payload
     # and sign stay)
-    quiet = np.where(np.isnan(words), np.uint32(1 << 22), np.uint32(0))
+    nan = np.isnan(words)
+    quiet = np.where(nan, np.uint32(1 << 22), np.uint32(0))
     np.testing.assert_array_equal(out.view(np.uint32) | quiet, words.astype(np.float32).view(np.uint32) | quiet)
+    if widen_module._HAS_F16C:
+        assert np.all(out.view(np.uint32)[nan] & np.uint32(1 << 22))
+
+
+def test_float16_widening_without_f16c_matches_numpy_bit_for_bit():
+    # the bit manipulation that runs where the CPU has no F16C (or Numba targets a generic CPU)
+    words = np.arange(2**16, dtype=np.uint16).view(np.int16)  # [65536] float16 words
+    f16_to_f32 = njit(widen_module._f16_to_f32)
+
+    @njit
+    def widen_all(w, out):
+        for i in range(w.shape[0]):
+            out[i] = f16_to_f32(w[i])
+
+    out = np.empty(words.shape, dtype=np.float32)
+    widen_all(words, out)
+    np.testing.assert_array_equal(out.view(np.uint32), words.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or os.environ.get("NUMBA_CPU_NAME") is not None,
+                    reason="needs /proc/cpuinfo and Numba targeting the host CPU")
+def test_f16c_detection_agrees_with_the_cpu():
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert widen_module._HAS_F16C == ("f16c" in flags.split())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark qwen-ref against the machine's ceilings and against transformers, in one run.
 
-    python tools/bench.py                                        # the full run: 25 min on a quiet machine
+    python tools/bench.py                                        # the full run: about 35 min
     python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into results.json
     python tools/bench.py --smoke --out /tmp/bench               # a tiny model in about a minute: CI runs the script
 

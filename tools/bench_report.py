@@ -112,12 +112,12 @@ def markdown(results: dict, plan: Plan) -> str:
     lines += ["Float32 GEMM: NumPy's BLAS (" + (", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
               for b in blas) if blas else "?") + ") on the seven products of one decoder layer, `x[T, n_in] @ W.T`.", ""]
     lines += _table(["GEMM GFLOP/s", *[f"{n} thread(s)" for n in sorted({1, threads})]], rows) + [""]
-    lines += ["Decode ceiling = bytes a step reads / `anon` bandwidth (the higher median of the start and the end "
-              "of the run): every layer matrix, bias and norm, the final "
+    lines += ["Decode ceiling = bytes a step reads / `anon` bandwidth (with the run's threads, the higher median of "
+              "the start and the end of the run; 1 thread: the start): every layer matrix, bias and norm, the final "
               "norm, the LM head (for a tied model the embedding matrix, read as the head), one embedding row, and "
               "the KV cache at the step's context (keys and values, float32 in qwen-ref: 2 x L x Hkv x hd x 4 bytes "
               "per position; transformers keeps its cache in the model dtype). Prefill ceiling = GEMM GFLOP/s at the "
-              "prompt's T (the higher median of the start and the end of the run) / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
+              "prompt's T (as for bandwidth, the higher median of start and end with the run's threads) / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
               "only) + 4 x L x H x hd x (T + 1) / 2 (causal attention).", ""]
 
     lines += ["## Decode", "", f"Greedy, {plan.prompt}-token prompt, {plan.new_tokens} new tokens per repeat "
