@@ -13,9 +13,9 @@ Two kinds of kernel, chosen by the number of rows of x:
     float32 sum, the cost of widening. float16 rows are widened by vcvtph2ps where the CPU has
     F16C (`kernels.widen`); without it the float16 GEMV is bound by computation, not memory.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
-    scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and runs every block of
-    4 rows of x over the group with `kernels.microkernel.block_4x16`, which keeps a 4 x 16 block of
-    y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
+    scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and
+    runs every block of 4 rows of x over the group with `kernels.microkernel.block_4x16`, which
+    keeps a 4 x 16 block of y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
     tile. One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
     `_gemm_swiglu` is the same with 8 gate rows beside the same 8 up rows in each tile: silu(gate)
     * up is taken as each block ends, so neither product is written out and read back. Against
