@@ -118,6 +118,25 @@ def _add_weighted(out, weights, values, b0, nb):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
+def _softmax_block(scores, n, scale, m_run, l_run, i):
+    """One block of the online softmax of query row i: scores[:n] become e^(s * scale - m'), the
+    running max m_run[i] and sum l_run[i] are updated; returns e^(m - m') for the row's running
+    weighted sum of values."""
+    block_max = np.float32(-np.inf)
+    for b in range(n):
+        scores[b] *= scale  # after the dot product, as the twin scales
+        block_max = max(block_max, scores[b])
+    m_new = max(m_run[i], block_max)
+    correction = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
+    row_sum = l_run[i] * correction
+    for b in range(n):
+        scores[b] = exp32(scores[b] - m_new)
+        row_sum += scores[b]
+    m_run[i], l_run[i] = m_new, row_sum
+    return correction
+
+
+@njit(fastmath=_FASTMATH, cache=True)
 def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run):
     """The online softmax of one work item, a query row at a time: rows r0 .. r0+rows-1 of kv head j
     against keys lo .. hi-1, into m_run, l_run, acc_run [rows, hd] (first rows of each)."""
@@ -131,19 +150,9 @@ def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, 
                 continue
             query, weights, out = q[t, j * G + h], scores[i], acc_run[i]  # [hd], [block], [hd]
             _score(query, keys, b0, nb, weights)
-            block_max = np.float32(-np.inf)
-            for b in range(nb):
-                weights[b] *= scale  # after the dot product, as the twin scales
-                block_max = max(block_max, weights[b])
-            m_new = max(m_run[i], block_max)
-            correction = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
-            row_sum = l_run[i] * correction
+            correction = _softmax_block(weights, nb, scale, m_run, l_run, i)
             for d in range(hd):
                 out[d] *= correction
-            for b in range(nb):
-                weights[b] = exp32(weights[b] - m_new)
-                row_sum += weights[b]
-            m_run[i], l_run[i] = m_new, row_sum
             _add_weighted(out, weights, values, b0, nb)
 
 
@@ -179,18 +188,8 @@ def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weigh
                 correction[i] = 1.0
                 row[:nb] = 0.0
                 continue
-            block_max = np.float32(-np.inf)
-            for b in range(n_seen):
-                row[b] *= scale  # after the dot product, as the twin scales
-                block_max = max(block_max, row[b])
-            m_new = max(m_run[i], block_max)
-            correction[i] = exp32(m_run[i] - m_new)  # e^-inf = 0 on the first block
-            row_sum = l_run[i] * correction[i]
-            for b in range(n_seen):
-                row[b] = exp32(row[b] - m_new)
-                row_sum += row[b]
+            correction[i] = _softmax_block(row, n_seen, scale, m_run, l_run, i)
             row[n_seen:nb] = 0.0  # keys after the query's own position
-            m_run[i], l_run[i] = m_new, row_sum
         for d0 in range(0, hd, 16):
             for i0 in range(0, rows, 4):
                 block_4x16(weights, i0, vs, d0, block)  # block[i, c] = weights[i0 + i] . values[:, d0 + c]
