@@ -47,6 +47,17 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     assert measurements["qwen-ref/numpy/tiny-bf16/decode/1t"]["median"] > 0
     assert "attention" in measurements["profile/numba/tiny-bf16/decode-ctx-32/1t"]["ops"]
     assert len(results["targets"]) == 6
+    # the paired round: the target workloads between ceilings measured beside them
+    for name in ("paired/1/ceiling/bandwidth/anon/1t", "paired/1/ceiling/bandwidth-after/anon/1t",
+                 "paired/1/ceiling/gemm/tiny/T16/1t", "paired/1/ceiling/gemm-after/tiny/T16/1t"):
+        assert measurements[name]["median"] > 0, name
+    fractions = results["paired_fractions"]
+    assert set(fractions) == {"decode", "decode-ctx-32", "prefill-16"}
+    for work, p in fractions.items():
+        (only,) = p["rounds"]
+        assert only["ceiling"] > 0 and p["median"] == only["fraction"] == only["qwen_ref"] / only["ceiling"], work
+    for target in results["targets"][:5]:
+        assert "median of 1 paired rounds" in target["target"] and target["main_list"] > 0, target
 
     markdown = (out / "BENCHMARKS.md").read_text()
     for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length"):

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_figures import derive, model_facts, paired_ratios, targets
+from bench_figures import derive, model_facts, paired_fractions, paired_ratios, targets
 from bench_plan import DTYPES, SMOKE, Plan, Workload, build_workloads, checkpoint_name
 from bench_report import _gb, _range, markdown
 from bench_workers import worker_main
@@ -236,7 +236,9 @@ def write_results(results: dict, out: Path, plan: Plan) -> str:
     """Derive ceilings, fractions, ratios and targets; write results.json and BENCHMARKS.md; return the latter."""
     derive(results["measurements"], results["models"])
     results["paired"] = paired_ratios(results["measurements"], plan, results["threads"])
-    results["targets"] = targets(results["measurements"], plan, results["threads"], results["paired"])
+    results["paired_fractions"] = paired_fractions(results["measurements"], results["models"], plan, results["threads"])
+    results["targets"] = targets(results["measurements"], plan, results["threads"], results["paired"],
+                                 results["paired_fractions"])
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = markdown(results, plan)
     (out / "BENCHMARKS.md").write_text(md + "\n")

@@ -32,7 +32,7 @@ class Plan:
     profile_steps: int = 16  # decode steps timed op by op, per repeat
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # what transformers computes in
     repeats: int = 3
-    paired_rounds: int = 5  # qwen-ref then transformers, again and again, for the two ratios the targets name
+    paired_rounds: int = 5  # the targets' workloads beside their ceilings and transformers, again and again
     ceiling_repeats: int = 10
     stream_bytes: int = 2**30  # the bandwidth kernel's array: larger than every cache
     quiet_wait: float = 90.0  # seconds a workload may spend in all waiting for other processes to leave the CPUs
@@ -59,20 +59,10 @@ def checkpoint_name(shape: str, dtype: str) -> str:
 
 def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     """Every workload of a run, ordered so that each model's qwen-ref and transformers runs are close in time."""
-    def bandwidth(n: int, label: str) -> Workload:
-        return Workload(f"ceiling/{label}/{n}t", {"kind": "bandwidth", "threads": n, "label": label,
-                        "stream_bytes": plan.stream_bytes, "repeats": plan.ceiling_repeats,
-                        "mmap_file": str(ckpt_root / checkpoint_name(plan.shapes[0], "bf16") / "model.safetensors")})
-
-    def gemm(n: int, label: str) -> Workload:
-        return Workload(f"ceiling/{label}/{n}t", {"kind": "gemm", "threads": n, "label": label,
-                        "repeats": plan.ceiling_repeats, "prompts": list(plan.prefill_prompts),
-                        "shapes": {s: str(ckpt_root / checkpoint_name(s, "bf16")) for s in plan.shapes}})
-
     work: list[Workload] = []
     for n in sorted({1, threads}):
-        work.append(bandwidth(n, "bandwidth"))
-        work.append(gemm(n, "gemm"))
+        work.append(_bandwidth(plan, n, "bandwidth", ckpt_root))
+        work.append(_gemm(plan, n, "gemm", ckpt_root))
 
     for shape in plan.shapes:
         for dtype in plan.dtypes:
@@ -107,8 +97,8 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
     work.extend(_paired_rounds(plan, threads, ckpt_root))
     # The host's memory bandwidth and GEMM throughput drift (other virtual machines); measuring them
     # again shows by how much, and the ceilings take the higher of the two.
-    work.append(bandwidth(threads, "bandwidth-end"))
-    work.append(gemm(threads, "gemm-end"))
+    work.append(_bandwidth(plan, threads, "bandwidth-end", ckpt_root))
+    work.append(_gemm(plan, threads, "gemm-end", ckpt_root))
     for w in work:
         w.spec["quiet_wait"] = plan.quiet_wait
     return work
@@ -132,28 +122,55 @@ def _headline_extras(model: str, ckpt: str, threads: int, plan: Plan) -> list[Wo
 
 
 def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
-    """The headline decode and prefill of qwen-ref and of transformers float32, in alternation.
+    """The headline's target workloads again, each beside what it is compared with, round after round.
 
-    The host's speed drifts by 15% within minutes, and the main list measures the two minutes apart:
-    a ratio from one round compares them under the same conditions, and the median of the rounds'
-    ratios is what the targets use.
+    The host's speed drifts by 15% within minutes, and the main list measures a workload, its
+    transformers baseline and the machine's ceilings minutes apart. In each round, qwen-ref's decode
+    (at the prompt's context and at the longest) sits between two streaming reads and beside
+    transformers' decode, and its prefill between two GEMM runs and beside transformers' prefill:
+    a fraction or ratio from one round compares them under the same conditions, and the targets use
+    the median over the rounds.
     """
     shape, dtype = plan.headline.split("-")
     ours, theirs = str(ckpt_root / checkpoint_name(shape, dtype)), str(ckpt_root / checkpoint_name(shape, "bf16"))
-    P = plan.prefill_prompts[-1]
+    P, ctx = plan.prefill_prompts[-1], plan.contexts[-1]
     work = []
     for r in range(1, plan.paired_rounds + 1):
+        prefix = f"paired/{r}/ceiling"
         work += [
+            _bandwidth(plan, threads, "bandwidth", ckpt_root, prefix),
             _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode/{threads}t", "qwen_decode", ours, threads, plan,
                     backend="numba", new_tokens=plan.new_tokens),
+            _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ours,
+                    threads, plan, backend="numba", new_tokens=plan.context_new_tokens, context=ctx),
+            _bandwidth(plan, threads, "bandwidth-after", ckpt_root, prefix),
             _decode(f"paired/{r}/transformers/float32/{shape}/decode/{threads}t", "hf_decode", theirs, threads, plan,
                     torch_dtype="float32", new_tokens=plan.new_tokens),
+            _gemm(plan, threads, "gemm", ckpt_root, prefix),
             _prefill(f"paired/{r}/qwen-ref/numba/{plan.headline}/prefill-{P}/{threads}t", "qwen_prefill", ours,
                      threads, plan, P, backend="numba"),
+            _gemm(plan, threads, "gemm-after", ckpt_root, prefix),
             _prefill(f"paired/{r}/transformers/float32/{shape}/prefill-{P}/{threads}t", "hf_prefill", theirs, threads,
                      plan, P, torch_dtype="float32"),
         ]
     return work
+
+
+def _bandwidth(plan: Plan, threads: int, label: str, ckpt_root: Path, prefix: str = "ceiling") -> Workload:
+    """The streaming read; a paired round's reads only the anonymous array (what the ceilings use)."""
+    mmap_file = ckpt_root / checkpoint_name(plan.shapes[0], "bf16") / "model.safetensors"
+    return Workload(f"{prefix}/{label}/{threads}t", {
+        "kind": "bandwidth", "threads": threads, "label": label, "prefix": prefix, "stream_bytes": plan.stream_bytes,
+        "repeats": plan.ceiling_repeats, "mmap_file": str(mmap_file) if prefix == "ceiling" else ""})
+
+
+def _gemm(plan: Plan, threads: int, label: str, ckpt_root: Path, prefix: str = "ceiling") -> Workload:
+    """BLAS on a layer's matrices; a paired round's only at the headline's shape and longest prompt."""
+    shapes = plan.shapes if prefix == "ceiling" else (plan.headline.split("-")[0],)
+    prompts = plan.prefill_prompts if prefix == "ceiling" else plan.prefill_prompts[-1:]
+    return Workload(f"{prefix}/{label}/{threads}t", {
+        "kind": "gemm", "threads": threads, "label": label, "prefix": prefix, "repeats": plan.ceiling_repeats,
+        "prompts": list(prompts), "shapes": {s: str(ckpt_root / checkpoint_name(s, "bf16")) for s in shapes}})
 
 
 def _decode(name, kind, ckpt, threads, plan, new_tokens, context=None, **impl) -> Workload:

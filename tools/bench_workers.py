@@ -142,7 +142,7 @@ def work_bandwidth(spec: dict) -> list[dict]:
     """
     _qwen_threads(spec["threads"])
     arrays = {"anon": lambda: np.ones((spec["stream_bytes"] // 4096, 1024), dtype=np.float32)}
-    if Path(spec["mmap_file"]).is_file():
+    if spec["mmap_file"] and Path(spec["mmap_file"]).is_file():
         def mapped():
             from qwen_ref.weights import map_file
 
@@ -155,7 +155,7 @@ def work_bandwidth(spec: dict) -> list[dict]:
         once = functools.partial(_stream_gbps, words, np.empty(words.shape[0], dtype=np.float32))
         once(), once()  # JIT, page faults, page cache
         m = measure(once, spec, label, "GB/s")
-        out.append({"name": f"ceiling/{spec['label']}/{label}/{spec['threads']}t", "bytes": int(words.nbytes), **m})
+        out.append({"name": f"{spec['prefix']}/{spec['label']}/{label}/{spec['threads']}t", "bytes": int(words.nbytes), **m})
         del words, once  # before the next array is made
     return out
 
@@ -192,7 +192,7 @@ def work_gemm(spec: dict) -> list[dict]:
             layer = functools.partial(_layer_gflops, x, weights)
             layer(), layer()  # warm-up
             m = measure(layer, spec, f"{shape} T={T}", "GFLOP/s")
-            out.append({"name": f"ceiling/{spec['label']}/{shape}/T{T}/{spec['threads']}t", "matrices": mats, "tokens": T,
+            out.append({"name": f"{spec['prefix']}/{spec['label']}/{shape}/T{T}/{spec['threads']}t", "matrices": mats, "tokens": T,
                         "blas": blas, **m})
     return out
 
