@@ -47,18 +47,27 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     assert measurements["qwen-ref/numpy/tiny-bf16/decode/1t"]["median"] > 0
     assert "attention" in measurements["profile/numba/tiny-bf16/decode-ctx-32/1t"]["ops"]
     assert len(results["targets"]) == 6
-    # the paired round: the target workloads between ceilings measured beside them
-    for name in ("paired/1/ceiling/bandwidth/anon/1t", "paired/1/ceiling/bandwidth-after/anon/1t",
-                 "paired/1/ceiling/gemm/tiny/T16/1t", "paired/1/ceiling/gemm-after/tiny/T16/1t"):
-        assert measurements[name]["median"] > 0, name
+
+    # the paired round: each target workload against the ceiling measured on either side of it, with the
+    # bytes or FLOPs per token of the same workload in the main list
+    def ceiling(label: str) -> float:
+        return measurements[f"paired/1/ceiling/{label}/1t"]["median"]
+
+    bandwidth = max(ceiling("bandwidth/anon"), ceiling("bandwidth-after/anon"))
+    gemm = max(ceiling("gemm/tiny/T16"), ceiling("gemm-after/tiny/T16"))
     fractions = results["paired_fractions"]
     assert set(fractions) == {"decode", "decode-ctx-32", "prefill-16"}
-    for work, p in fractions.items():
-        (only,) = p["rounds"]
-        assert only["ceiling"] > 0 and p["median"] == only["fraction"] == only["qwen_ref"] / only["ceiling"], work
+    for work, rate, per_token in (("decode", bandwidth, decode["bytes_per_token"]["total"]),
+                                  ("decode-ctx-32", bandwidth, measurements[f"{model}/decode-ctx-32/1t"]["bytes_per_token"]["total"]),
+                                  ("prefill-16", gemm, prefill["flops_per_token"])):
+        (only,) = fractions[work]["rounds"]
+        assert only["ceiling_rate"] == rate, work
+        assert only["ceiling"] == rate * 1e9 / per_token, work  # the same arithmetic on the same numbers: exact
+        assert only["qwen_ref"] == measurements[f"paired/1/{model}/{work}/1t"]["median"], work
     for target in results["targets"][:5]:
-        assert "median of 1 paired rounds" in target["target"] and target["main_list"] > 0, target
+        assert "median of 1 paired round)" in target["target"] and target["main_list"] > 0, target
 
     markdown = (out / "BENCHMARKS.md").read_text()
-    for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length"):
+    for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length",
+                    "## Paired rounds"):
         assert heading in markdown

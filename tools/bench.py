@@ -1,6 +1,6 @@
 """Benchmark qwen-ref against the machine's ceilings and against transformers, in one run.
 
-    python tools/bench.py                                        # the full run: about 35 min
+    python tools/bench.py                                        # the full run: about 40 min
     python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into results.json
     python tools/bench.py --smoke --out /tmp/bench               # a tiny model in about a minute: CI runs the script
 
@@ -236,7 +236,7 @@ def write_results(results: dict, out: Path, plan: Plan) -> str:
     """Derive ceilings, fractions, ratios and targets; write results.json and BENCHMARKS.md; return the latter."""
     derive(results["measurements"], results["models"])
     results["paired"] = paired_ratios(results["measurements"], plan, results["threads"])
-    results["paired_fractions"] = paired_fractions(results["measurements"], results["models"], plan, results["threads"])
+    results["paired_fractions"] = paired_fractions(results["measurements"], plan, results["threads"])
     results["targets"] = targets(results["measurements"], plan, results["threads"], results["paired"],
                                  results["paired_fractions"])
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -64,13 +64,13 @@ def mean_keys(m: dict) -> float:
 
 
 def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
-    """Add ceiling, fraction_of_ceiling and ratios to transformers to every model measurement, in place."""
+    """Add what a token costs (bytes read, or FLOPs) to every model measurement, in place; outside the paired
+    rounds, whose ceilings are the ones measured beside them (`paired_fractions`), also the ceiling, the
+    fraction of it, the RSS budget and the ratios to transformers."""
     for name, m in measurements.items():
         if "error" in m or m["kind"] not in ("qwen_decode", "qwen_prefill", "hf_decode", "hf_prefill"):
             continue
-        if name.startswith("paired/"):  # read by paired_ratios
-            continue
-        impl, variant, model, work, threads = name.split("/")
+        impl, variant, model, work, threads = name.split("/")[-5:]  # after "paired/<round>/" in a paired round
         if impl == "transformers":  # ".../float32/0.5b/...": loaded from the bf16 checkpoint, computes in `variant`
             shape, stored, compute = model, "bf16", {"float32": "f32", "bfloat16": "bf16"}[variant]
         else:  # ".../numba/0.5b-bf16/...": computes on the stored weights
@@ -79,13 +79,17 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
         if f is None:
             continue
         if work.startswith("decode"):
-            bw = bandwidth_ceiling(measurements, threads)
             cache_itemsize = 4 if impl == "qwen-ref" else ITEMSIZE[compute]
-            need = decode_bytes(f, ITEMSIZE[compute], cache_itemsize, mean_keys(m))
-            m["bytes_per_token"] = need
+            m["bytes_per_token"] = decode_bytes(f, ITEMSIZE[compute], cache_itemsize, mean_keys(m))
+        else:
+            m["flops_per_token"] = prefill_flops_per_token(f, m["spec"]["prompt"])
+        if name.startswith("paired/"):
+            continue
+        if work.startswith("decode"):
+            bw = bandwidth_ceiling(measurements, threads)
             if bw:
                 m["ceiling_bandwidth_GBps"] = bw
-                m["ceiling"] = bw * 1e9 / need["total"]
+                m["ceiling"] = bw * 1e9 / m["bytes_per_token"]["total"]
             if impl == "qwen-ref":
                 spec = m["spec"]  # the cache generate() allocates, or the one filled for a context run
                 capacity = (spec["prompt"] if spec["context"] is None else spec["context"]) + spec["new_tokens"]
@@ -93,9 +97,7 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
                 m["rss_budget_bytes"] = f["checkpoint_bytes"] + kv + 300 * MB
                 m["kv_cache_bytes"] = kv
         else:
-            P = m["spec"]["prompt"]
-            gemm = gemm_ceiling(measurements, shape, P, threads)
-            m["flops_per_token"] = prefill_flops_per_token(f, P)
+            gemm = gemm_ceiling(measurements, shape, m["spec"]["prompt"], threads)
             if gemm:
                 m["ceiling_gflops"] = gemm
                 m["ceiling"] = gemm * 1e9 / m["flops_per_token"]
@@ -140,62 +142,65 @@ def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> di
     return out
 
 
-def paired_fractions(measurements: dict[str, dict], facts: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
-    """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's fraction of the ceiling measured in the same
-    paired round (the higher of the streaming reads, or of the GEMM runs, on either side of it), and their median."""
-    shape = plan.headline.split("-")[0]
-    f = facts.get(plan.headline)
-    P, out = plan.prefill_prompts[-1], {}
-    for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{P}"):
+def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
+    """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's tokens/s over the ceiling measured in the
+    same paired round (`_ceiling_beside`) in each round, and the median of those fractions."""
+    out = {}
+    for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{plan.prefill_prompts[-1]}"):
         rounds = []
         for r in range(1, plan.paired_rounds + 1):
-            ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t")
-            if work.startswith("decode"):
-                labels, unit = [f"paired/{r}/ceiling/{b}/anon/{threads}t" for b in ("bandwidth", "bandwidth-after")], "GB/s"
-            else:
-                labels, unit = [f"paired/{r}/ceiling/{g}/{shape}/T{P}/{threads}t" for g in ("gemm", "gemm-after")], "GFLOP/s"
-            found = [measurements.get(label) for label in labels]
-            found = [m["median"] for m in found if m and "error" not in m]
-            if f is None or not ours or "error" in ours or not found:
-                continue
-            if work.startswith("decode"):  # the cache is float32 in qwen-ref
-                per_token = decode_bytes(f, ITEMSIZE[plan.headline.split("-")[1]], 4, mean_keys(ours))["total"]
-            else:
-                per_token = prefill_flops_per_token(f, P)
-            ceiling = max(found) * 1e9 / per_token
-            rounds.append({"round": r, "qwen_ref": ours["median"], "ceiling_rate": max(found), "unit": unit,
-                           "ceiling": ceiling, "fraction": ours["median"] / ceiling})
+            ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t", {})
+            cost = ours.get("bytes_per_token", {}).get("total") or ours.get("flops_per_token")  # set by derive()
+            rate = _ceiling_beside(measurements, plan, r, work, threads)
+            if cost and rate:
+                ceiling = rate * 1e9 / cost
+                rounds.append({"round": r, "qwen_ref": ours["median"], "ceiling_rate": rate, "ceiling": ceiling,
+                               "fraction": ours["median"] / ceiling})
         if rounds:
             out[work] = {"rounds": rounds, "median": float(np.median([x["fraction"] for x in rounds]))}
     return out
 
 
-def targets(measurements: dict[str, dict], plan: Plan, threads: int, paired: dict[str, dict],
+def _ceiling_beside(measurements: dict[str, dict], plan: Plan, r: int, work: str, threads: int) -> float | None:
+    """The higher median of paired round r's streaming reads (GB/s) around its decodes, or of its GEMM runs
+    (GFLOP/s) around its prefill."""
+    if work.startswith("decode"):
+        names = [f"paired/{r}/ceiling/{label}/anon/{threads}t" for label in ("bandwidth", "bandwidth-after")]
+    else:
+        shape, P = plan.headline.split("-")[0], plan.prefill_prompts[-1]
+        names = [f"paired/{r}/ceiling/{label}/{shape}/T{P}/{threads}t" for label in ("gemm", "gemm-after")]
+    found = [measurements[n]["median"] for n in names if n in measurements and "error" not in measurements[n]]
+    return max(found) if found else None
+
+
+def targets(measurements: dict[str, dict], plan: Plan, threads: int, ratios: dict[str, dict],
             fractions: dict[str, dict]) -> list[dict]:
     """The figures the project is judged on, each with its threshold and whether it is met.
 
-    Each is the median of the paired rounds when the run has them (the ratios to transformers, and the
-    fractions of the ceiling measured beside the workload); else the main list's figure."""
+    Each is the median over the paired rounds when the run has them (`ratios` to transformers from
+    `paired_ratios`, `fractions` of the ceiling from `paired_fractions`), else the main list's figure."""
     base = f"qwen-ref/numba/{plan.headline}"
     model, P, ctx = plan.headline, plan.prefill_prompts[-1], plan.contexts[-1]
 
-    def figure(work: str, paired_figures: dict, key: str) -> tuple[str, float | None, float | None]:
+    def figure(work: str, paired: dict, key: str) -> tuple[str, float | None, float | None]:
         """(how it was measured, the figure the target uses, the main list's figure)"""
         main = measurements.get(f"{base}/{work}/{threads}t", {}).get(key)
-        if work in paired_figures:
-            return f" (median of {len(paired_figures[work]['rounds'])} paired rounds)", paired_figures[work]["median"], main
+        if work in paired:
+            n = len(paired[work]["rounds"])
+            return f" (median of {n} paired {'rounds' if n > 1 else 'round'})", paired[work]["median"], main
         return "", main, main
 
-    decode_x, prefill_x = figure("decode", paired, "vs_transformers_float32"), figure(
-        f"prefill-{P}", paired, "vs_transformers_float32")
-    decode_of, prefill_of, long_of = (
-        figure(w, fractions, "fraction_of_ceiling") for w in ("decode", f"prefill-{P}", f"decode-ctx-{ctx}"))
     rows = [
-        (f"decode {model}, {plan.prompt}-token prompt: fraction of the decode ceiling", decode_of, 0.90, ">="),
-        (f"decode {model}, {plan.prompt}-token prompt: x transformers float32", decode_x, 3.0, ">="),
-        (f"prefill {model}, {P}-token prompt: fraction of the prefill ceiling", prefill_of, 0.60, ">="),
-        (f"prefill {model}, {P}-token prompt: x transformers float32", prefill_x, 1.0, ">"),
-        (f"decode {model} at context {ctx}: fraction of its ceiling (weights + KV cache)", long_of, 0.80, ">="),
+        (f"decode {model}, {plan.prompt}-token prompt: fraction of the decode ceiling",
+         figure("decode", fractions, "fraction_of_ceiling"), 0.90, ">="),
+        (f"decode {model}, {plan.prompt}-token prompt: x transformers float32",
+         figure("decode", ratios, "vs_transformers_float32"), 3.0, ">="),
+        (f"prefill {model}, {P}-token prompt: fraction of the prefill ceiling",
+         figure(f"prefill-{P}", fractions, "fraction_of_ceiling"), 0.60, ">="),
+        (f"prefill {model}, {P}-token prompt: x transformers float32",
+         figure(f"prefill-{P}", ratios, "vs_transformers_float32"), 1.0, ">"),
+        (f"decode {model} at context {ctx}: fraction of its ceiling (weights + KV cache)",
+         figure(f"decode-ctx-{ctx}", fractions, "fraction_of_ceiling"), 0.80, ">="),
     ]
     out = [{"target": t + how, "value": v, "main_list": main, "threshold": th, "op": op,
             "met": None if v is None else (v >= th if op == ">=" else v > th)} for t, (how, v, main), th, op in rows]

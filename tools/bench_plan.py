@@ -60,9 +60,10 @@ def checkpoint_name(shape: str, dtype: str) -> str:
 def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     """Every workload of a run, ordered so that each model's qwen-ref and transformers runs are close in time."""
     work: list[Workload] = []
+    mmap_file = str(ckpt_root / checkpoint_name(plan.shapes[0], "bf16") / "model.safetensors")
     for n in sorted({1, threads}):
-        work.append(_bandwidth(plan, n, "bandwidth", ckpt_root))
-        work.append(_gemm(plan, n, "gemm", ckpt_root))
+        work.append(_bandwidth(plan, n, "ceiling", "bandwidth", mmap_file))
+        work.append(_gemm(plan, n, "ceiling", "gemm", ckpt_root, plan.shapes, plan.prefill_prompts))
 
     for shape in plan.shapes:
         for dtype in plan.dtypes:
@@ -97,8 +98,8 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
     work.extend(_paired_rounds(plan, threads, ckpt_root))
     # The host's memory bandwidth and GEMM throughput drift (other virtual machines); measuring them
     # again shows by how much, and the ceilings take the higher of the two.
-    work.append(_bandwidth(plan, threads, "bandwidth-end", ckpt_root))
-    work.append(_gemm(plan, threads, "gemm-end", ckpt_root))
+    work.append(_bandwidth(plan, threads, "ceiling", "bandwidth-end", mmap_file))
+    work.append(_gemm(plan, threads, "ceiling", "gemm-end", ckpt_root, plan.shapes, plan.prefill_prompts))
     for w in work:
         w.spec["quiet_wait"] = plan.quiet_wait
     return work
@@ -125,51 +126,49 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     """The headline's target workloads again, each beside what it is compared with, round after round.
 
     The host's speed drifts by 15% within minutes, and the main list measures a workload, its
-    transformers baseline and the machine's ceilings minutes apart. In each round, qwen-ref's decode
-    (at the prompt's context and at the longest) sits between two streaming reads and beside
-    transformers' decode, and its prefill between two GEMM runs and beside transformers' prefill:
-    a fraction or ratio from one round compares them under the same conditions, and the targets use
-    the median over the rounds.
+    transformers baseline and the machine's ceilings minutes apart. In each round qwen-ref decodes
+    (at the longest context, then at the prompt's) between two streaming reads, and transformers
+    decodes right after; qwen-ref's prefill runs between two GEMM runs, transformers' right after.
+    A fraction or ratio from one round compares figures taken under the same state of the host,
+    and the targets use the median over the rounds.
     """
     shape, dtype = plan.headline.split("-")
     ours, theirs = str(ckpt_root / checkpoint_name(shape, dtype)), str(ckpt_root / checkpoint_name(shape, "bf16"))
     P, ctx = plan.prefill_prompts[-1], plan.contexts[-1]
     work = []
     for r in range(1, plan.paired_rounds + 1):
-        prefix = f"paired/{r}/ceiling"
+        ceiling = f"paired/{r}/ceiling"  # only the anon read and the headline's GEMM: what the ceilings use
         work += [
-            _bandwidth(plan, threads, "bandwidth", ckpt_root, prefix),
-            _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode/{threads}t", "qwen_decode", ours, threads, plan,
-                    backend="numba", new_tokens=plan.new_tokens),
+            _bandwidth(plan, threads, ceiling, "bandwidth", mmap_file=""),
             _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ours,
                     threads, plan, backend="numba", new_tokens=plan.context_new_tokens, context=ctx),
-            _bandwidth(plan, threads, "bandwidth-after", ckpt_root, prefix),
+            _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode/{threads}t", "qwen_decode", ours, threads, plan,
+                    backend="numba", new_tokens=plan.new_tokens),
+            _bandwidth(plan, threads, ceiling, "bandwidth-after", mmap_file=""),
             _decode(f"paired/{r}/transformers/float32/{shape}/decode/{threads}t", "hf_decode", theirs, threads, plan,
                     torch_dtype="float32", new_tokens=plan.new_tokens),
-            _gemm(plan, threads, "gemm", ckpt_root, prefix),
+            _gemm(plan, threads, ceiling, "gemm", ckpt_root, (shape,), (P,)),
             _prefill(f"paired/{r}/qwen-ref/numba/{plan.headline}/prefill-{P}/{threads}t", "qwen_prefill", ours,
                      threads, plan, P, backend="numba"),
-            _gemm(plan, threads, "gemm-after", ckpt_root, prefix),
+            _gemm(plan, threads, ceiling, "gemm-after", ckpt_root, (shape,), (P,)),
             _prefill(f"paired/{r}/transformers/float32/{shape}/prefill-{P}/{threads}t", "hf_prefill", theirs, threads,
                      plan, P, torch_dtype="float32"),
         ]
     return work
 
 
-def _bandwidth(plan: Plan, threads: int, label: str, ckpt_root: Path, prefix: str = "ceiling") -> Workload:
-    """The streaming read; a paired round's reads only the anonymous array (what the ceilings use)."""
-    mmap_file = ckpt_root / checkpoint_name(plan.shapes[0], "bf16") / "model.safetensors"
+def _bandwidth(plan: Plan, threads: int, prefix: str, label: str, mmap_file: str) -> Workload:
+    """The streaming read of an anonymous array, and of `mmap_file` as qwen-ref maps weights (if not "")."""
     return Workload(f"{prefix}/{label}/{threads}t", {
-        "kind": "bandwidth", "threads": threads, "label": label, "prefix": prefix, "stream_bytes": plan.stream_bytes,
-        "repeats": plan.ceiling_repeats, "mmap_file": str(mmap_file) if prefix == "ceiling" else ""})
+        "kind": "bandwidth", "threads": threads, "prefix": prefix, "label": label, "stream_bytes": plan.stream_bytes,
+        "repeats": plan.ceiling_repeats, "mmap_file": mmap_file})
 
 
-def _gemm(plan: Plan, threads: int, label: str, ckpt_root: Path, prefix: str = "ceiling") -> Workload:
-    """BLAS on a layer's matrices; a paired round's only at the headline's shape and longest prompt."""
-    shapes = plan.shapes if prefix == "ceiling" else (plan.headline.split("-")[0],)
-    prompts = plan.prefill_prompts if prefix == "ceiling" else plan.prefill_prompts[-1:]
+def _gemm(plan: Plan, threads: int, prefix: str, label: str, ckpt_root: Path, shapes: tuple[str, ...],
+          prompts: tuple[int, ...]) -> Workload:
+    """BLAS on the matrices of a layer of each shape, at each prompt length."""
     return Workload(f"{prefix}/{label}/{threads}t", {
-        "kind": "gemm", "threads": threads, "label": label, "prefix": prefix, "repeats": plan.ceiling_repeats,
+        "kind": "gemm", "threads": threads, "prefix": prefix, "label": label, "repeats": plan.ceiling_repeats,
         "prompts": list(prompts), "shapes": {s: str(ckpt_root / checkpoint_name(s, "bf16")) for s in shapes}})
 
 

@@ -92,9 +92,11 @@ def markdown(results: dict, plan: Plan) -> str:
         rows.append([tg["target"], value, main, "" if tg["threshold"] is None else f"{tg['op']} {fmt(tg['threshold'])}",
                      verdict])
     lines += _table(["target", "measured", "main list", "threshold", ""], rows) + [""]
-    lines += ["measured: the median over the paired rounds (below), where each figure is taken beside its ceiling "
-              "or its transformers baseline; main list: the same figure from the tables below, whose ceilings are "
-              "the higher of the measurements at the start and the end of the run.", ""]
+    if any(tg.get("main_list") is not None and tg["main_list"] != tg["value"] for tg in results["targets"]):
+        lines += ["A target marked \"median of N paired rounds\" takes each figure beside its ceiling or its "
+                  "transformers baseline (see Paired rounds below); the main list column is the same figure from "
+                  "the tables below, whose ceilings are the higher of the measurements at the start and the end "
+                  "of the run.", ""]
 
     lines += ["## Ceilings of this machine (measured in this run)", "",
               "Streaming read: a Numba `prange` over the rows of a float32 array, summing each row once (the "
@@ -117,7 +119,7 @@ def markdown(results: dict, plan: Plan) -> str:
     lines += ["Float32 GEMM: NumPy's BLAS (" + (", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
               for b in blas) if blas else "?") + ") on the seven products of one decoder layer, `x[T, n_in] @ W.T`.", ""]
     lines += _table(["GEMM GFLOP/s", *[f"{n} thread(s)" for n in sorted({1, threads})]], rows) + [""]
-    lines += ["Decode ceiling = bytes a step reads / `anon` bandwidth (with the run's threads, the higher median of "
+    lines += ["Decode ceiling (tokens/s) = `anon` bandwidth / bytes a step reads (with the run's threads, the higher median of "
               "the start and the end of the run; 1 thread: the start): every layer matrix, bias and norm, the final "
               "norm, the LM head (for a tied model the embedding matrix, read as the head), one embedding row, and "
               "the KV cache at the step's context (keys and values, float32 in qwen-ref: 2 x L x Hkv x hd x 4 bytes "
@@ -233,24 +235,24 @@ def _attn(M: dict) -> str:
     return ", ".join(sorted(found)) or "?"
 
 
-def _paired_section(paired: dict[str, dict], fractions: dict[str, dict], plan: Plan) -> list[str]:
-    if not paired and not fractions:
+def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: Plan) -> list[str]:
+    if not ratios and not fractions:
         return []
     lines = [f"## Paired rounds ({plan.headline})", "",
-             "The targets' workloads again at the end of the run, round after round. In each round qwen-ref's decode "
-             "(at the prompt's context, then at the longest) runs between two streaming reads, then transformers' "
-             "decode; qwen-ref's prefill runs between two GEMM runs, then transformers' prefill. A fraction or ratio "
-             "from one round compares two figures measured within a minute or so, under the same state of the host "
+             "The targets' workloads again at the end of the run, round after round. In each round qwen-ref decodes "
+             "(at the longest context, then at the prompt's) between two streaming reads, and transformers decodes "
+             "right after; qwen-ref's prefill runs between two GEMM runs, and transformers' right after. A fraction "
+             "or ratio from one round compares figures measured within a minute, under the same state of the host "
              "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
     for work, p in fractions.items():
-        unit = p["rounds"][0]["unit"]
+        unit = "GB/s" if work.startswith("decode") else "GFLOP/s"
         rows = [[str(x["round"]), _f(x["qwen_ref"]), _f(x["ceiling_rate"]), _f(x["ceiling"]), _pct(x["fraction"])]
                 for x in p["rounds"]]
         rows.append(["**median**", "", "", "", f"**{_pct(p['median'])}**"])
         lines += [f"{work}: qwen-ref against the ceiling beside it", ""]
         lines += _table(["round", "qwen-ref tok/s", f"ceiling {unit} (higher of the two)", "ceiling tok/s",
                          "of ceiling"], rows) + [""]
-    for work, p in paired.items():
+    for work, p in ratios.items():
         rows = [[str(x["round"]), _f(x["qwen_ref"]), _f(x["transformers"]), _x(x["ratio"])] for x in p["rounds"]]
         rows.append(["**median**", "", "", f"**{_x(p['median'])}**"])
         lines += [f"{work}: qwen-ref against transformers float32, tokens/s", ""]
