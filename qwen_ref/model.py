@@ -14,6 +14,7 @@ from qwen_ref.backends import NUMPY, Backend
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.kv_cache import KVCache
+from qwen_ref.memory import keep_freed_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
 from qwen_ref.weights import load_weights, to_float32
 
@@ -91,9 +92,14 @@ class QwenModel:
 
 
 def load_model(model_dir: str | Path, backend: Backend = NUMPY) -> QwenModel:
-    """Read config.json and memory-map the safetensors weights of a checkpoint folder."""
+    """Read config.json and memory-map the safetensors weights of a checkpoint folder.
+
+    Also tells the C allocator to keep freed memory (`qwen_ref.memory`): the forward pass makes
+    its intermediates as new arrays, and without it each one faults its pages in afresh.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise QwenRefError(f"model folder {model_dir} does not exist")
     config = load_config(model_dir)
+    keep_freed_memory()
     return QwenModel(config, load_weights(model_dir, config), backend)
