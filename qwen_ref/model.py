@@ -95,7 +95,8 @@ def load_model(model_dir: str | Path, backend: Backend = NUMPY) -> QwenModel:
     """Read config.json and memory-map the safetensors weights of a checkpoint folder.
 
     Also tells the C allocator to keep freed memory (`qwen_ref.memory`): the forward pass makes
-    its intermediates as new arrays, and without it each one faults its pages in afresh.
+    its intermediates as new arrays, and glibc would otherwise return them to the OS after each
+    layer, for the next layer to fault in again.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
