@@ -384,7 +384,7 @@ def attention_bound(q, keys, values, S):
     past=st.one_of(st.integers(0, 10), st.integers(0, 300)),
     Hkv=st.integers(1, 3),
     G=st.sampled_from([1, 2, 4, 5, 8]),
-    hd=st.sampled_from([1, 2, 8, 16, 64, 66]),
+    hd=st.sampled_from([1, 2, 8, 16, 64, 66, 128]),  # 64 and 128 take the literal head-size path
     spare=st.integers(0, 9),
     score_scale=st.sampled_from([0.1, 1.0, 4.0]),
     seed=seeds,
@@ -401,7 +401,7 @@ def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare
 @pytest.mark.parametrize(
     ("T", "past", "Hkv", "G", "hd"),
     [(1, 1500, 1, 8, 64), (1, 3000, 2, 1, 64), (2, 1200, 1, 4, 64), (3, 700, 1, 2, 64), (3, 700, 1, 1, 64),
-     (2, 1200, 1, 4, 66)],
+     (2, 1200, 1, 4, 66), (1, 3000, 2, 1, 128), (2, 1200, 1, 4, 128)],
 )
 def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G, hd):
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
