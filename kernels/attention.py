@@ -9,9 +9,9 @@ softmax), so memory is O(block), not O(T x S), per thread:
 and the output is acc / l. The queries that read one kv head are its G heads at each of the T
 positions: T * G query rows, in (position, head) order. A work item is a block of `_QUERY_ROWS`
 consecutive rows of one kv head: each block of keys and values comes from L2 or memory once per
-item and serves every row from L1 (FlashAttention's tiling). Without it, a 512-token prompt chunk
-over a 4096-token cache re-read 2 MB of keys and values per query row and ran at half the speed of
-the NumPy twin's BLAS. When there are too few items to keep every thread busy (decode, T = 1, with
+item and serves every row from L1 or L2 (FlashAttention's tiling). Without it, a 512-token prompt
+chunk over a 4096-token cache re-read 2 MB of keys and values per query row and ran at half the
+speed of the NumPy twin's BLAS. When there are too few items to keep every thread busy (decode, T = 1, with
 few kv heads) the keys are also split into ranges whose partial (m, l, acc) are merged at the end
 (flash-decoding).
 
@@ -142,10 +142,11 @@ def _softmax_block(scores, n, top, scale, m_run, l_run, i):
     return correction
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=_FASTMATH, cache=True)
 def _row_block(query, keys, values, b0, nb, scale, weights, out, m_run, l_run, i, hd):
     """Keys b0 .. b0+nb-1 for query row i of _item_by_rows: scores, online softmax, then out [hd]
-    rescaled and the weighted values added. Inlined, so that a literal hd reaches the loops."""
+    rescaled and the weighted values added. Called with a literal hd, Numba compiles this and the
+    functions it calls for that value: their loops over hd have a constant length, which LLVM unrolls."""
     top = _score(query, keys, b0, nb, weights, hd)
     correction = _softmax_block(weights, nb, top, scale, m_run, l_run, i)
     for d in range(hd):
@@ -166,8 +167,8 @@ def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, 
             if nb <= 0:
                 continue
             query, weights, out = q[t, j * G + h], scores[i], acc_run[i]  # [hd], [block], [hd]
-            # Qwen's head sizes as literals: LLVM then unrolls every loop over hd (a decode step's
-            # attention at 256 to 16K tokens, hd 64: 1.08-1.10x)
+            # Qwen's head sizes as literals (a decode step's attention, hd 64, 128 to 16K tokens:
+            # 1.02-1.10x on 2 threads, 1.04-1.06x on one)
             if hd == 64:
                 _row_block(query, keys, values, b0, nb, scale, weights, out, m_run, l_run, i, 64)
             elif hd == 128:
