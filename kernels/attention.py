@@ -11,9 +11,9 @@ positions: T * G query rows, in (position, head) order. A work item is a block o
 consecutive rows of one kv head: each block of keys and values comes from L2 or memory once per
 item and serves every row from L1 or L2 (FlashAttention's tiling). Without it, a 512-token prompt
 chunk over a 4096-token cache re-read 2 MB of keys and values per query row and ran at half the
-speed of the NumPy twin's BLAS. When there are too few items to keep every thread busy (decode, T = 1, with
-few kv heads) the keys are also split into ranges whose partial (m, l, acc) are merged at the end
-(flash-decoding).
+speed of the NumPy twin's BLAS. When there are too few items to keep every thread busy (decode,
+T = 1, with few kv heads) the keys are also split into ranges whose partial (m, l, acc) are merged
+at the end (flash-decoding).
 
 An item of at least 4 query rows (prefill; decode with G >= 4) with hd a multiple of 16 is done
 for all its rows at once (`_item_tiled`): keys @ queries^T and weights @ values run on the GEMM's
