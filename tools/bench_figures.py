@@ -144,7 +144,12 @@ def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> di
 
 def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
     """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's tokens/s over the ceiling measured in the
-    same paired round (`_ceiling_beside`) in each round, and the median of those fractions."""
+    same paired round (`_ceiling_beside`) in each round, and the median of those fractions.
+
+    For a bfloat16 headline's decodes also the bfloat16 bound of each round: tokens/s if the weights were
+    read at the speed of the bfloat16 read beside them (`anon-bf16`) and the KV cache (float32) at the
+    streaming read's. `bound_of_ceiling` is then the highest fraction of the ceiling that any kernel which
+    widens bfloat16 words could reach in that round."""
     out = {}
     for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{plan.prefill_prompts[-1]}"):
         rounds = []
@@ -154,18 +159,31 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
             rate = _ceiling_beside(measurements, plan, r, work, threads)
             if cost and rate:
                 ceiling = rate * 1e9 / cost
-                rounds.append({"round": r, "qwen_ref": ours["median"], "ceiling_rate": rate, "ceiling": ceiling,
-                               "fraction": ours["median"] / ceiling})
+                x = {"round": r, "qwen_ref": ours["median"], "ceiling_rate": rate, "ceiling": ceiling,
+                     "fraction": ours["median"] / ceiling}
+                decode_bf16 = work.startswith("decode") and plan.headline.endswith("-bf16")
+                bf16_rate = decode_bf16 and _ceiling_beside(measurements, plan, r, work, threads, kind="anon-bf16")
+                if bf16_rate:
+                    b = ours["bytes_per_token"]
+                    x["bf16_rate"] = bf16_rate
+                    x["bf16_bound"] = 1e9 / (b["weights"] / bf16_rate + b["kv_cache"] / rate)
+                    x["bound_of_ceiling"] = x["bf16_bound"] / ceiling
+                    x["fraction_of_bound"] = ours["median"] / x["bf16_bound"]
+                rounds.append(x)
         if rounds:
             out[work] = {"rounds": rounds, "median": float(np.median([x["fraction"] for x in rounds]))}
+            if all("bf16_bound" in x for x in rounds):
+                for key in ("bound_of_ceiling", "fraction_of_bound"):
+                    out[work][f"median_{key}"] = float(np.median([x[key] for x in rounds]))
     return out
 
 
-def _ceiling_beside(measurements: dict[str, dict], plan: Plan, r: int, work: str, threads: int) -> float | None:
-    """The higher median of paired round r's streaming reads (GB/s) around its decodes, or of its GEMM runs
-    (GFLOP/s) around its prefill."""
+def _ceiling_beside(measurements: dict[str, dict], plan: Plan, r: int, work: str, threads: int,
+                    kind: str = "anon") -> float | None:
+    """The higher median of paired round r's streaming reads (GB/s; of `kind`) around its decodes, or of its
+    GEMM runs (GFLOP/s) around its prefill."""
     if work.startswith("decode"):
-        names = [f"paired/{r}/ceiling/{label}/anon/{threads}t" for label in ("bandwidth", "bandwidth-after")]
+        names = [f"paired/{r}/ceiling/{label}/{kind}/{threads}t" for label in ("bandwidth", "bandwidth-after")]
     else:
         shape, P = plan.headline.split("-")[0], plan.prefill_prompts[-1]
         names = [f"paired/{r}/ceiling/{label}/{shape}/T{P}/{threads}t" for label in ("gemm", "gemm-after")]

@@ -134,11 +134,34 @@ def stream_kernel():
     return stream
 
 
+@functools.cache
+def bf16_read_kernel():
+    """Compiled in the workers only, like stream_kernel."""
+    from numba import njit, prange
+
+    from kernels.widen import widen_bf16_pair
+
+    @njit(parallel=True, fastmath={"reassoc"}, cache=True)
+    def read_bf16(pairs, partial):
+        """Read each row once as bfloat16 pairs, widening both words to float32 and adding them: the least
+        arithmetic a bfloat16 GEMV does per byte (it multiplies as it adds, in the same instruction)."""
+        for r in prange(pairs.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(pairs.shape[1]):
+                low, high = widen_bf16_pair(pairs[r, j])
+                acc += low + high
+            partial[r] = acc
+
+    return read_bf16
+
+
 def work_bandwidth(spec: dict) -> list[dict]:
     """Streaming read bandwidth: every row of a >= 1 GB float32 array summed once, rows split over threads.
 
     Also over the checkpoint file mapped as qwen-ref maps it (page-cache pages, 2 MB where the kernel
-    keeps the file in large folios; NumPy asks for huge pages for its own large arrays).
+    keeps the file in large folios; NumPy asks for huge pages for its own large arrays), and the
+    anonymous array read as bfloat16 (`anon-bf16`): how fast a core can widen what it reads, the
+    bound of every bfloat16 GEMV.
     """
     _qwen_threads(spec["threads"])
     arrays = {"anon": lambda: np.ones((spec["stream_bytes"] // 4096, 1024), dtype=np.float32)}
@@ -152,17 +175,21 @@ def work_bandwidth(spec: dict) -> list[dict]:
     out = []
     for label, make in arrays.items():
         words = make()  # [rows, 1024] float32
-        once = functools.partial(_stream_gbps, words, np.empty(words.shape[0], dtype=np.float32))
-        once(), once()  # JIT, page faults, page cache
-        m = measure(once, spec, label, "GB/s")
-        out.append({"name": f"{spec['prefix']}/{spec['label']}/{label}/{spec['threads']}t", "bytes": int(words.nbytes), **m})
-        del words, once  # before the next array is made
+        partial = np.empty(words.shape[0], dtype=np.float32)
+        reads = {label: functools.partial(_read_gbps, stream_kernel(), words, partial)}
+        if label == "anon":
+            reads["anon-bf16"] = functools.partial(_read_gbps, bf16_read_kernel(), words.view(np.uint32), partial)
+        for name, once in reads.items():
+            once(), once()  # JIT, page faults, page cache
+            m = measure(once, spec, name, "GB/s")
+            out.append({"name": f"{spec['prefix']}/{spec['label']}/{name}/{spec['threads']}t", "bytes": int(words.nbytes), **m})
+        del words, reads  # before the next array is made
     return out
 
 
-def _stream_gbps(words: np.ndarray, partial: np.ndarray) -> float:
+def _read_gbps(kernel, words: np.ndarray, partial: np.ndarray) -> float:
     start = time.perf_counter()
-    stream_kernel()(words, partial)
+    kernel(words, partial)
     return words.nbytes / (time.perf_counter() - start) / 1e9
 
 
