@@ -147,11 +147,12 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
     same paired round (`_ceiling_beside`) in each round, and the median of those fractions.
 
     For a bfloat16 headline's decodes also the bfloat16 bound of each round: tokens/s if the weights were
-    read at the speed of the bfloat16 read beside them (`anon-bf16`) and the KV cache (float32) at the
-    streaming read's. `bound_of_ceiling` is then the highest fraction of the ceiling that any kernel which
-    widens bfloat16 words could reach in that round."""
+    read at the speed of the bfloat16 read beside them (`anon-bf16`, never above the streaming read's) and
+    the KV cache (float32) at the streaming read's. `bound_of_ceiling` is then the highest fraction of the
+    ceiling that kernels widening bfloat16 as qwen-ref's do could reach in that round."""
     out = {}
     for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{plan.prefill_prompts[-1]}"):
+        decode_bf16 = work.startswith("decode") and plan.headline.endswith("-bf16")
         rounds = []
         for r in range(1, plan.paired_rounds + 1):
             ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t", {})
@@ -161,20 +162,21 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
                 ceiling = rate * 1e9 / cost
                 x = {"round": r, "qwen_ref": ours["median"], "ceiling_rate": rate, "ceiling": ceiling,
                      "fraction": ours["median"] / ceiling}
-                decode_bf16 = work.startswith("decode") and plan.headline.endswith("-bf16")
-                bf16_rate = decode_bf16 and _ceiling_beside(measurements, plan, r, work, threads, kind="anon-bf16")
+                bf16_rate = _ceiling_beside(measurements, plan, r, work, threads, "anon-bf16") if decode_bf16 else None
                 if bf16_rate:
                     b = ours["bytes_per_token"]
                     x["bf16_rate"] = bf16_rate
-                    x["bf16_bound"] = 1e9 / (b["weights"] / bf16_rate + b["kv_cache"] / rate)
+                    x["bf16_bound"] = 1e9 / (b["weights"] / min(bf16_rate, rate) + b["kv_cache"] / rate)
                     x["bound_of_ceiling"] = x["bf16_bound"] / ceiling
                     x["fraction_of_bound"] = ours["median"] / x["bf16_bound"]
                 rounds.append(x)
         if rounds:
             out[work] = {"rounds": rounds, "median": float(np.median([x["fraction"] for x in rounds]))}
-            if all("bf16_bound" in x for x in rounds):
+            bounded = [x for x in rounds if "bf16_bound" in x]  # all rounds, unless --only merged older results
+            if bounded:
+                out[work]["bound_rounds"] = len(bounded)
                 for key in ("bound_of_ceiling", "fraction_of_bound"):
-                    out[work][f"median_{key}"] = float(np.median([x[key] for x in rounds]))
+                    out[work][f"median_{key}"] = float(np.median([x[key] for x in bounded]))
     return out
 
 

@@ -143,8 +143,8 @@ def bf16_read_kernel():
 
     @njit(parallel=True, fastmath={"reassoc"}, cache=True)
     def read_bf16(pairs, partial):
-        """Read each row once as bfloat16 pairs, widening both words to float32 and adding them: the least
-        arithmetic a bfloat16 GEMV does per byte (it multiplies as it adds, in the same instruction)."""
+        """Read each row once as bfloat16 pairs, widening both words to float32 as qwen-ref's GEMV does and
+        adding them: no more work per byte than that GEMV, whose fused multiply-adds cost what these adds cost."""
         for r in prange(pairs.shape[0]):
             acc = np.float32(0.0)
             for j in range(pairs.shape[1]):
@@ -160,8 +160,8 @@ def work_bandwidth(spec: dict) -> list[dict]:
 
     Also over the checkpoint file mapped as qwen-ref maps it (page-cache pages, 2 MB where the kernel
     keeps the file in large folios; NumPy asks for huge pages for its own large arrays), and the
-    anonymous array read as bfloat16 (`anon-bf16`): how fast a core can widen what it reads, the
-    bound of every bfloat16 GEMV.
+    anonymous array read as bfloat16 (`anon-bf16`): how fast the cores widen what they read, a bound
+    for GEMVs that widen bfloat16 words the same way.
     """
     _qwen_threads(spec["threads"])
     arrays = {"anon": lambda: np.ones((spec["stream_bytes"] // 4096, 1024), dtype=np.float32)}
