@@ -6,6 +6,7 @@
 Sections:
   gemv       decode matrix-vector products on Qwen1.5-0.5B shapes, in GB/s of weights read,
              against a parallel Numba loop that only streams the same bytes (the bandwidth bound)
+             and, for bfloat16, one that also widens them (the bound of a GEMV that widens so)
   gemm       prefill products (512 tokens, swiglu included) in GFLOP/s, against NumPy's BLAS on float32 weights
   attention  prefill and decode attention against the NumPy twin
   small      RMSNorm and RoPE at T = 1 and T = 512
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import kernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
-from bench_workers import stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
+from bench_workers import bf16_read_kernel, stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
 
@@ -75,6 +76,8 @@ def bench_gemv(repeats: int) -> None:
                 words = w.view(np.float32).reshape(n_out, -1)  # the same bytes, as float32 words
                 partial = np.empty(n_out, dtype=np.float32)
                 report(f"{name}: stream bound", lambda: stream_kernel()(words, partial), n_repeats, gigabytes, "GB/s")
+                pairs = w.view(np.uint32)  # the same bytes, widened as the GEMV widens them
+                report(f"{name}: bf16 read bound", lambda: bf16_read_kernel()(pairs, partial), n_repeats, gigabytes, "GB/s")
             report(f"{name}: numba", lambda: kernels.linear(x, w, None), n_repeats, gigabytes, "GB/s")
             if n_out < 10000 or dtype == "bf16":
                 report(f"{name}: numpy twin", lambda: NUMPY.linear(x, w, None), max(3, repeats // 4), gigabytes, "GB/s")
