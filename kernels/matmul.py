@@ -7,11 +7,12 @@ Two kinds of kernel, chosen by the number of rows of x:
     mask widen both words, no shuffles). It takes several weights at once (`linears`: q, k and v;
     `swiglu`: gate and up, with the SwiGLU gate applied as each pair of rows is done), because each
     parallel region costs a thread wake-up and a wait for the slower thread: on the decode step of
-    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The weight GEMVs of a
-    whole step, called back to back, stream at the machine's read bandwidth (32 GB/s against 32-33
-    for tools/bench.py's streaming read); per core the bf16 GEMV reads ~17 GB/s against ~21 for a
-    float32 sum, the cost of widening. float16 rows are widened by vcvtph2ps where the CPU has
-    F16C (`kernels.widen`); without it the float16 GEMV is bound by computation, not memory.
+    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The bf16 weight
+    GEMVs of a whole step, called back to back, read at 0.94 of tools/bench.py's bfloat16 read
+    bound (`anon-bf16`: the same widening, no x), itself 0.85-0.95 of its float32 streaming read;
+    per core the bf16 GEMV reads ~17 GB/s against ~21 for a float32 sum, the cost of widening.
+    float16 rows are widened by vcvtph2ps where the CPU has F16C (`kernels.widen`); without it the
+    float16 GEMV is bound by computation, not memory.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
     scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and
     runs every block of 4 rows of x over the group with `kernels.microkernel.block_4x16`, which

@@ -100,7 +100,7 @@ def markdown(results: dict, plan: Plan) -> str:
     bounds = {w: p for w, p in results.get("paired_fractions", {}).items() if "median_bound_of_ceiling" in p}
     if bounds:
         lines += ["The decode ceilings are float32 streaming reads. The same array read as bfloat16 and widened as "
-                  "qwen-ref's GEMV widens it (`anon-bf16` below) bounds a decode whose kernels widen that way; in the "
+                  "qwen-ref's GEMV widens it (`anon-bf16` below) is a measured bound for a decode whose kernels widen that way; in the "
                   "paired rounds that bound was, as a median, " + "; ".join(
                       f"{work} {_pct(p['median_bound_of_ceiling'])} of the ceiling, and qwen-ref reached "
                       f"{_pct(p['median_fraction_of_bound'])} of the bound (median of {p['bound_rounds']})"
@@ -114,7 +114,8 @@ def markdown(results: dict, plan: Plan) -> str:
         reads += (" `anon-bf16`: the same anonymous array read as bfloat16 words, each widened to float32 as "
                   "qwen-ref's GEMV widens them (a shift or a mask per 8 words) and added: no more work per byte than "
                   "that GEMV, whose fused multiply-adds cost what these adds cost and which also loads x. Where it "
-                  "reads slower than `anon`, the cores, not memory, bound a decode whose kernels widen bfloat16 that way.")
+                  "reads slower than `anon` (the same bytes in the same order), the difference is the widening work "
+                  "the cores do. It is a measured rate, not a proven limit of the CPU.")
     lines += ["## Ceilings of this machine (measured in this run)", "", reads, ""]
     rows = [[f"{kind}{when}", *[_range(M.get(f"ceiling/{label}/{kind}/{n}t")) + _busy(M.get(f"ceiling/{label}/{kind}/{n}t"))
                                 for n in sorted({1, threads})]]

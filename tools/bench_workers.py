@@ -160,8 +160,8 @@ def work_bandwidth(spec: dict) -> list[dict]:
 
     Also over the checkpoint file mapped as qwen-ref maps it (page-cache pages, 2 MB where the kernel
     keeps the file in large folios; NumPy asks for huge pages for its own large arrays), and the
-    anonymous array read as bfloat16 (`anon-bf16`): how fast the cores widen what they read, a bound
-    for GEMVs that widen bfloat16 words the same way.
+    anonymous array read as bfloat16 (`anon-bf16`): how fast the cores widen what they read, a
+    measured bound for GEMVs that widen bfloat16 words the same way.
     """
     _qwen_threads(spec["threads"])
     arrays = {"anon": lambda: np.ones((spec["stream_bytes"] // 4096, 1024), dtype=np.float32)}
