@@ -70,9 +70,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np
     values = values if values.flags.c_contiguous else np.ascontiguousarray(values[:, :S])  # [Hkv, >= S, hd]
 
     n_threads = numba.get_num_threads()
-    row_blocks = Hkv * -(-T * (H // Hkv) // _QUERY_ROWS)  # ceil: items without key splits
-    wanted = -(-_ITEMS_PER_THREAD * n_threads // row_blocks)  # ceil: splits that would fill every thread
-    n_splits = max(1, min(wanted, S // _MIN_KEYS_PER_SPLIT))
+    n_splits = key_splits(T, H, Hkv, S, n_threads)
     m = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running max of scores
     l = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running sum of e^(s - m)
     acc = np.empty((n_splits, T, H, hd), dtype=np.float32)  # [splits, T, H, hd] running sum of e^(s - m) v
@@ -80,6 +78,14 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np
     out = np.empty((T, H * hd), dtype=np.float32)  # [T, H*hd]
     _merge(m, l, acc, out)
     return out
+
+
+def key_splits(T: int, H: int, Hkv: int, S: int, n_threads: int) -> int:
+    """Key ranges per work item: enough to give every thread _ITEMS_PER_THREAD items, none shorter than
+    _MIN_KEYS_PER_SPLIT keys."""
+    row_blocks = Hkv * -(-T * (H // Hkv) // _QUERY_ROWS)  # ceil: items without key splits
+    wanted = -(-_ITEMS_PER_THREAD * n_threads // row_blocks)  # ceil: splits that would fill every thread
+    return max(1, min(wanted, S // _MIN_KEYS_PER_SPLIT))
 
 
 # The hot loops below read rows through 1-D slices (keys[s], acc[split, t, h]) rather than through

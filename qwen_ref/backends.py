@@ -30,6 +30,9 @@ class Backend:
     apply_rope: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,n,hd], [T,hd/2] x2) -> [T,n,hd]
     attention: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]  # ([T,H,hd], [Hkv,cap,hd] x2, S) -> [T,H*hd]
     swiglu: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,D], [F,D] x2) -> [T,F]
+    # optional: the decoder layers of a one-token step in one call (see kernels.decode.DecoderStack);
+    # (per-layer weight dicts, H, Hkv, eps) -> a callable (x [1,D], keys, values, past, cos, sin) -> [1,D]
+    decoder_stack: Callable | None = None
 
 
 NUMPY = Backend(
@@ -63,4 +66,5 @@ def _numba_backend() -> Backend:
         apply_rope=kernels.apply_rope,
         attention=kernels.attention,
         swiglu=kernels.swiglu,
+        decoder_stack=kernels.DecoderStack,
     )

@@ -29,6 +29,20 @@ class QwenModel:
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)  # [hd/2]
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = weights[head]  # [V, D]
+        # the layers of a one-token step in one call, where the backend has that (numba): the same
+        # operations as _decoder_layer without Python between them
+        self.decoder_stack = None if backend.decoder_stack is None else backend.decoder_stack(
+            [self._layer_weights(i) for i in range(config.num_hidden_layers)],
+            config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
+
+    def _layer_weights(self, i: int) -> dict[str, np.ndarray | None]:
+        """Layer i's weights under the names `kernels.decode.DecoderStack` takes."""
+        p, W = f"model.layers.{i}.", self.weights
+        a, m = p + "self_attn.", p + "mlp."
+        return {"attn_norm": W[p + "input_layernorm.weight"], "ffn_norm": W[p + "post_attention_layernorm.weight"],
+                **{n: W[f"{a}{n}_proj.weight"] for n in ("q", "k", "v", "o")},
+                **{f"{n}_bias": W[f"{a}{n}_proj.bias"] for n in ("q", "k", "v")},
+                "gate": W[m + "gate_proj.weight"], "up": W[m + "up_proj.weight"], "down": W[m + "down_proj.weight"]}
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for `capacity` tokens (default: the model's whole context)."""
@@ -51,8 +65,12 @@ class QwenModel:
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
 
         x = to_float32(W["model.embed_tokens.weight"][tokens])  # [T, D]
-        for i in range(cfg.num_hidden_layers):
-            x = self._decoder_layer(i, x, cos, sin, cache, past)
+        # (a backend swapped in later without a decoder stack, e.g. one that times each operation, runs them one by one)
+        if len(tokens) == 1 and self.decoder_stack is not None and ops.decoder_stack is not None:
+            x = self.decoder_stack(x, cache.keys, cache.values, past, cos, sin)  # every _decoder_layer below
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x = self._decoder_layer(i, x, cos, sin, cache, past)
         cache.length += len(tokens)
 
         if last_only:
