@@ -6,9 +6,10 @@ its wrapper (checks, weight views, new output arrays) and Numba's dispatch, and 
 meanwhile. `DecoderStack` puts every layer's weights in the kernels' form once and runs the
 layers in one call, on the same kernels in the same order as the backend operations do for one
 token, so the result is the same bit for bit (tests/test_decode.py). Qwen1.5-0.5B bf16, 128
-tokens of context: decode 1.08x faster (in-process, alternating; interquartile 1.05-1.14x).
+tokens of context: decode 1.08x faster (in-process, alternating; interquartile 1.04-1.14x).
 
-The layer is the pre-norm block of `qwen_ref.model.QwenModel._decoder_layer`:
+`_layers` repeats the layer of `qwen_ref.model.QwenModel._decoder_layer` (change both together),
+the pre-norm block:
     h = rms_norm(x); q, k, v = h W_q + b_q, h W_k + b_k, h W_v + b_v; rope(q), rope(k) into the cache
     x = x + attention(q, cache) W_o;  x = x + swiglu(rms_norm(x)) W_down
 """
@@ -19,6 +20,7 @@ import numba
 import numpy as np
 from numba import njit
 
+# The jitted functions behind the backend operations, called as the operations call them for one row
 from kernels.attention import _attend, _merge, key_splits
 from kernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, _kernel_weight
 from kernels.norm import _rms_norm_rows
@@ -33,23 +35,25 @@ class DecoderStack:
     q_bias, k_bias, v_bias (None if absent), o, ffn_norm, gate, up, down; matrices are [n_out, n_in].
     """
 
-    def __init__(self, layers: list[dict[str, np.ndarray | None]], n_heads: int, n_kv_heads: int, eps: float):
-        def each(name: str, make) -> tuple:
-            return tuple(make(layer[name]) for layer in layers)
+    def __init__(self, layers: list[dict[str, np.ndarray | None]], n_heads: int, n_kv_heads: int, eps: float) -> None:
+        def norms(name: str) -> tuple:
+            return tuple(as_kernel_dtype(layer[name]) for layer in layers)  # [D] each
 
-        def gemv_weight(w: np.ndarray) -> np.ndarray:  # as `kernels.linear` gives it to _gemv for one row of x
-            return _kernel_weight(w, np.empty((1, w.shape[1]), dtype=np.float32), True)
+        def matrices(name: str) -> tuple:
+            # as `kernels.linear` hands them to _gemv (bfloat16 rows as uint32 pairs): views of the
+            # weights, unless a pair view would be unaligned, which padded safetensors files never are
+            return tuple(_kernel_weight(layer[name], np.empty((1, layer[name].shape[1]), np.float32), True)
+                         for layer in layers)  # [n_out, n_in] each
 
-        self.attn_norm = each("attn_norm", as_kernel_dtype)  # [D] each
-        self.q, self.k, self.v = (each(n, gemv_weight) for n in ("q", "k", "v"))  # [n_out, D] (or D/2 pairs)
-        self.q_bias, self.k_bias, self.v_bias = (
-            tuple(_kernel_bias(layer[n + "_bias"], w) for layer, w in zip(layers, ws))
-            for n, ws in (("q", self.q), ("k", self.k), ("v", self.v))
-        )
-        self.o = each("o", gemv_weight)
+        def biases(name: str, ws: tuple) -> tuple:
+            return tuple(_kernel_bias(layer[name], w) for layer, w in zip(layers, ws))  # [n_out] or [0]
+
+        self.attn_norm, self.ffn_norm = norms("attn_norm"), norms("ffn_norm")
+        self.q, self.k, self.v, self.o = matrices("q"), matrices("k"), matrices("v"), matrices("o")
+        self.gate, self.up, self.down = matrices("gate"), matrices("up"), matrices("down")
+        self.q_bias, self.k_bias = biases("q_bias", self.q), biases("k_bias", self.k)
+        self.v_bias = biases("v_bias", self.v)
         self.no_bias = tuple(_kernel_bias(None, w) for w in self.o)  # o_proj and down_proj have none
-        self.ffn_norm = each("ffn_norm", as_kernel_dtype)
-        self.gate, self.up, self.down = (each(n, gemv_weight) for n in ("gate", "up", "down"))
         self.n_heads, self.n_kv_heads, self.eps = n_heads, n_kv_heads, np.float32(eps)
 
     def __call__(self, x: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int, cos: np.ndarray,
@@ -59,9 +63,18 @@ class DecoderStack:
         keys, values: [L, Hkv, capacity, hd] float32, the cache, whose first `past` positions are filled;
         this token's are written at position `past`. cos, sin: [1, hd/2] float32 of that position.
         """
-        S = past + 1
+        L, D, half = len(self.q), self.attn_norm[0].shape[0], keys.shape[-1] // 2
+        if (x.shape != (1, D) or keys.shape != values.shape or keys.shape[:2] != (L, self.n_kv_heads)
+                or not 0 <= past < keys.shape[2] or cos.shape != (1, half) or sin.shape != (1, half)):
+            raise ValueError(f"decoder stack: x {x.shape}, cache {keys.shape} {values.shape}, past {past}, "
+                             f"cos {cos.shape}, sin {sin.shape} do not fit {L} layers of width {D}")
+        # the types the operations would pass (their wrappers copy anything else into these)
+        if (keys.dtype != np.float32 or values.dtype != np.float32
+                or not (keys.flags.c_contiguous and values.flags.c_contiguous)):
+            raise ValueError(f"decoder stack: the cache must be C-contiguous float32, not {keys.dtype}, {values.dtype}")
+        cos, sin = np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32)
         n_threads = numba.get_num_threads()
-        n_splits = key_splits(1, self.n_heads, self.n_kv_heads, S, n_threads)
+        n_splits = key_splits(1, self.n_heads, self.n_kv_heads, past + 1, n_threads)
         return _layers(np.ascontiguousarray(x, dtype=np.float32), self.attn_norm, self.q, self.k, self.v,
                        self.q_bias, self.k_bias, self.v_bias, self.o, self.no_bias, self.ffn_norm, self.gate, self.up,
                        self.down, keys, values, past, cos, sin, self.eps, self.n_heads, n_splits, n_threads)
@@ -87,9 +100,9 @@ def _layers(x, attn_norm, wq, wk, wv, bq, bk, bv, wo, no_bias, ffn_norm, w_gate,
         for j in range(Hkv):
             keys[i, j, past] = k_rot[0, j]
             values[i, j, past] = v_heads[0, j]
-        m = np.empty((n_splits, 1, H), dtype=np.float32)  # as in kernels.attention.attention
-        l = np.empty((n_splits, 1, H), dtype=np.float32)
-        acc = np.empty((n_splits, 1, H, hd), dtype=np.float32)
+        m = np.empty((n_splits, 1, H), dtype=np.float32)  # [splits, 1, H] running max of scores
+        l = np.empty((n_splits, 1, H), dtype=np.float32)  # [splits, 1, H] running sum of e^(s - m)
+        acc = np.empty((n_splits, 1, H, hd), dtype=np.float32)  # [splits, 1, H, hd] running sum of e^(s - m) v
         _attend(q_rot, keys[i], values[i], S, m, l, acc, n_threads)
         attn = np.empty((1, H * hd), dtype=np.float32)  # kqv_out [1, H*hd]
         _merge(m, l, acc, attn)

@@ -30,7 +30,9 @@ class QwenModel:
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = weights[head]  # [V, D]
         # the layers of a one-token step in one call, where the backend has that (numba): the same
-        # operations as _decoder_layer without Python between them
+        # operations as _decoder_layer without Python between them. Only with this backend: one swapped
+        # in later (timing or recording each operation) runs them one by one.
+        self.stack_backend = backend
         self.decoder_stack = None if backend.decoder_stack is None else backend.decoder_stack(
             [self._layer_weights(i) for i in range(config.num_hidden_layers)],
             config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
@@ -65,8 +67,7 @@ class QwenModel:
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
 
         x = to_float32(W["model.embed_tokens.weight"][tokens])  # [T, D]
-        # (a backend swapped in later without a decoder stack, e.g. one that times each operation, runs them one by one)
-        if len(tokens) == 1 and self.decoder_stack is not None and ops.decoder_stack is not None:
+        if len(tokens) == 1 and self.decoder_stack is not None and ops is self.stack_backend:
             x = self.decoder_stack(x, cache.keys, cache.values, past, cos, sin)  # every _decoder_layer below
         else:
             for i in range(cfg.num_hidden_layers):
@@ -81,7 +82,10 @@ class QwenModel:
     def _decoder_layer(
         self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int
     ) -> np.ndarray:
-        """Qwen2DecoderLayer.forward: x + attention(norm(x)), then + mlp(norm(.))."""
+        """Qwen2DecoderLayer.forward: x + attention(norm(x)), then + mlp(norm(.)).
+
+        `kernels.decode` repeats this layer for one-token steps on the numba backend: change both.
+        """
         cfg, W, ops = self.config, self.weights, self.backend
         T, H, Hkv, hd = len(x), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         p = f"model.layers.{i}."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numba
 import numpy as np
 import pytest
 
@@ -18,30 +19,52 @@ from tests.helpers import random_checkpoint, small_config
 
 
 @pytest.mark.parametrize(
-    "dtype, hidden, heads, kv_heads, context",
+    "dtype, shape, context",
     [
-        ("BF16", 256, 4, 4, 5),  # hd 64 without GQA, as Qwen1.5 below 32B: attention a row at a time
-        ("BF16", 128, 8, 2, 600),  # G = 4: tiled attention; 601 keys on 2 kv heads: split key ranges
-        ("F16", 96, 6, 2, 9),  # G = 3, hd 16
-        ("F32", 64, 4, 1, 17),
+        ("BF16", {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4}, 5),  # hd 64, no GQA, as Qwen1.5 below 32B: attention a row at a time
+        # G = 4: tiled attention; 1101+ keys on 2 kv heads: 2 key ranges per item on 1 thread, 4 on 2
+        ("BF16", {"hidden_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2}, 1100),
+        ("BF16", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 81}, 0),  # odd F: down_proj not read in pairs; a first step with no past
+        ("F16", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2}, 9),  # G = 3, hd 16
+        ("F32", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24}, 17),  # H hd != D
     ],
 )
-def test_decoder_stack_matches_the_operations_bit_for_bit(tmp_path, dtype, hidden, heads, kv_heads, context):
-    config = small_config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          intermediate_size=2 * hidden + 16, max_position_embeddings=1024)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoder_stack_matches_the_operations_bit_for_bit(tmp_path, dtype, shape, context, threads):
+    config = small_config(**{"intermediate_size": 2 * shape["hidden_size"] + 16, **shape}, max_position_embeddings=2048)
     random_checkpoint(tmp_path, config, dtype=dtype)
-    numba = get_backend("numba")
-    stacked = load_model(tmp_path, numba)
-    op_by_op = QwenModel(stacked.config, stacked.weights, dataclasses.replace(numba, decoder_stack=None))
-    assert stacked.decoder_stack is not None and op_by_op.decoder_stack is None
+    numba_backend = get_backend("numba")
+    stacked = load_model(tmp_path, numba_backend)
+    op_by_op = QwenModel(stacked.config, stacked.weights, dataclasses.replace(numba_backend, decoder_stack=None))
+    calls = []
+    stack = stacked.decoder_stack
+    stacked.decoder_stack = lambda *args: calls.append(1) or stack(*args)  # counts the steps it runs
+
     tokens = np.random.default_rng(0).integers(0, config["vocab_size"], context)
     caches = [model.new_cache(context + 3) for model in (stacked, op_by_op)]
-    for model, cache in zip((stacked, op_by_op), caches):
-        model.forward(tokens, cache)  # the prompt: op by op in both
-    for token in (7, 3, 11):  # decode steps: the stack in one model, the operations in the other
-        a = stacked.forward(np.array([token]), caches[0], last_only=True)
-        b = op_by_op.forward(np.array([token]), caches[1], last_only=True)
-        np.testing.assert_array_equal(a, b)
+    if context:
+        for model, cache in zip((stacked, op_by_op), caches):
+            model.forward(tokens, cache)  # the prompt: op by op in both
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)  # after the stack was made: it must read the count at each call
+    try:
+        for token in (7, 3, 11):  # decode steps: the stack in one model, the operations in the other
+            a = stacked.forward(np.array([token]), caches[0], last_only=True)
+            b = op_by_op.forward(np.array([token]), caches[1], last_only=True)
+            np.testing.assert_array_equal(a, b)
+    finally:
+        numba.set_num_threads(before)
+    assert len(calls) == 3
     assert caches[0].length == caches[1].length == context + 3
     np.testing.assert_array_equal(caches[0].keys, caches[1].keys)
     np.testing.assert_array_equal(caches[0].values, caches[1].values)
+
+
+def test_decoder_stack_runs_only_with_the_backend_it_was_made_for(tmp_path):
+    """A backend swapped in later (one that times or records each operation) must see every operation."""
+    random_checkpoint(tmp_path, small_config())
+    model = load_model(tmp_path, get_backend("numba"))
+    seen = []
+    model.backend = dataclasses.replace(model.backend, rms_norm=lambda *args: seen.append(1) or get_backend("numba").rms_norm(*args))
+    model.forward(np.array([1]), model.new_cache(4))
+    assert len(seen) == 2 * model.config.num_hidden_layers + 1  # two per layer and the final norm

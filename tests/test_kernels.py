@@ -523,6 +523,25 @@ _SMOKE = textwrap.dedent(
     worst = max(worst, np.abs(kernels.attention(q16, cache16[0], cache16[1], 5) - NUMPY.attention(q16, cache16[0], cache16[1], 5)).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
     worst = max(worst, np.abs(kernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
+    # kernels.decode.DecoderStack: a one-token step of a 2-layer model, against the same step op by op
+    import dataclasses
+    from qwen_ref.backends import get_backend
+    from qwen_ref.config import QwenConfig
+    from qwen_ref.model import QwenModel
+    from qwen_ref.weights import expected_shapes
+    cfg = QwenConfig.from_dict({"model_type": "qwen2", "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "max_position_embeddings": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                                "tie_word_embeddings": True})
+    weights = {n: ro(rng.standard_normal(s, dtype=np.float32)) for n, s in expected_shapes(cfg).items()}
+    numba_backend = get_backend("numba")
+    steps = []
+    for backend in (numba_backend, dataclasses.replace(numba_backend, decoder_stack=None)):
+        model = QwenModel(cfg, weights, backend)
+        cache = model.new_cache(4)
+        model.forward(np.array([1, 2]), cache)
+        steps.append(model.forward(np.array([3]), cache))
+    worst = max(worst, np.abs(steps[0] - steps[1]).max())  # the same kernels in the same order: 0
     print("worst", worst)
     """
 )

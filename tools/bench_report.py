@@ -295,7 +295,9 @@ def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:
     if not decode:
         return []
     lines = [f"## Where a decode step's time goes ({plan.headline}, numba)", "",
-             "Each backend operation wrapped in a timer; ms per token summed over the layers, and the bandwidth "
+             "Each backend operation wrapped in a timer (a timed model runs a decode step's operations one by one, "
+             "not in one call as it otherwise does: its steps are slower than the decode tables' and its 'outside "
+             "the ops' row includes Python that those do not pay); ms per token summed over the layers, and the bandwidth "
              "(weight or KV bytes read / time) each achieved. Median step: "
              + ", ".join(f"{_f(m['median'])} ms at {m['context']}" for m in decode) + ".", ""]
     labels = list(dict.fromkeys(label for m in decode for label in m["ops"]))

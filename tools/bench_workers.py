@@ -343,7 +343,6 @@ class OpTimer:
 
         return dataclasses.replace(
             inner,
-            decoder_stack=None,  # every operation timed on its own, so a decode step runs them one by one
             linear=self._wrap(inner.linear, cost_linear),
             linears=self._wrap(inner.linears, cost_linears),
             swiglu=self._wrap(inner.swiglu, cost_swiglu),
