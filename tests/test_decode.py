@@ -15,7 +15,7 @@ import pytest
 
 from qwen_ref.backends import get_backend
 from qwen_ref.model import QwenModel, load_model
-from tests.helpers import random_checkpoint, small_config
+from helpers import random_checkpoint, small_config
 
 
 @pytest.mark.parametrize(
