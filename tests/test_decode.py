@@ -12,10 +12,10 @@ import dataclasses
 import numba
 import numpy as np
 import pytest
+from helpers import random_checkpoint, small_config
 
 from qwen_ref.backends import get_backend
 from qwen_ref.model import QwenModel, load_model
-from helpers import random_checkpoint, small_config
 
 
 @pytest.mark.parametrize(
