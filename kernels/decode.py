@@ -22,7 +22,7 @@ from numba import njit
 
 # The jitted functions behind the backend operations, called as the operations call them for one row
 from kernels.attention import _attend, _merge, key_splits
-from kernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, _kernel_weight
+from kernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, gemv_weight
 from kernels.norm import _rms_norm_rows
 from kernels.rope import _apply_rope_rows
 from kernels.widen import as_kernel_dtype
@@ -40,10 +40,9 @@ class DecoderStack:
             return tuple(as_kernel_dtype(layer[name]) for layer in layers)  # [D] each
 
         def matrices(name: str) -> tuple:
-            # as `kernels.linear` hands them to _gemv (bfloat16 rows as uint32 pairs): views of the
-            # weights, unless a pair view would be unaligned, which padded safetensors files never are
-            return tuple(_kernel_weight(layer[name], np.empty((1, layer[name].shape[1]), np.float32), True)
-                         for layer in layers)  # [n_out, n_in] each
+            # as `kernels.linear` hands them to _gemv: views of the weights (a pair view is never
+            # unaligned in a padded safetensors file, so nothing is copied)
+            return tuple(gemv_weight(as_kernel_dtype(layer[name])) for layer in layers)  # [n_out, n_in] each
 
         def biases(name: str, ws: tuple) -> tuple:
             return tuple(_kernel_bias(layer[name], w) for layer, w in zip(layers, ws))  # [n_out] or [0]

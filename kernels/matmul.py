@@ -120,7 +120,13 @@ def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:
     shape = w.shape
     if len(shape) != 2 or x.ndim != 2 or x.shape[1] != shape[1]:
         raise ValueError(f"linear: x {x.shape} and weight {shape} do not chain")
-    if gemv and shape[1] % 2 == 0 and w.dtype.char == "H":
+    return gemv_weight(w) if gemv else w
+
+
+def gemv_weight(w: np.ndarray) -> np.ndarray:
+    """A weight in kernel form (`as_kernel_dtype`) as _gemv reads it: bfloat16 rows of even length as
+    uint32 pairs, a view unless it would be unaligned."""
+    if w.shape[1] % 2 == 0 and w.dtype.char == "H":
         pairs = w.view(np.uint32)  # [n_out, n_in/2]
         if not pairs.flags.aligned:  # 2 bytes past a 4-byte boundary (safetensors data is 8-byte aligned)
             pairs = as_kernel_dtype(w.copy()).view(np.uint32)
