@@ -143,13 +143,19 @@ def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> di
 
 
 def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
-    """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's tokens/s over the ceiling measured in the
-    same paired round (`_ceiling_beside`) in each round, and the median of those fractions.
+    """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's tokens/s over the ceiling measured beside
+    it in each paired round, and the median of those fractions.
 
-    For a bfloat16 headline's decodes also the bfloat16 bound of each round: tokens/s if the weights were
-    read at the speed of the bfloat16 read beside them (`anon-bf16`, never above the streaming read's) and
-    the KV cache (float32) at the streaming read's. `bound_of_ceiling` is then the highest fraction of the
-    ceiling that kernels widening bfloat16 as qwen-ref's do could reach in that round."""
+    A decode that read the ceiling in its own process around each repeat ("beside", see
+    bench_workers.ceiling_reads) is judged repeat by repeat against the higher of the readings just before
+    and after it, and the round's figures are medians over its repeats; the round's separate reads, a
+    minute away, are kept beside as `apart_rate` and `apart_fraction`. Otherwise (prefill; results of older
+    runs) the ceiling is the higher median of the round's runs around the workload (`_ceiling_beside`).
+
+    For a bfloat16 headline's decodes also the bfloat16 bound: tokens/s if the weights were read at the
+    speed of the bfloat16 read beside them (`anon-bf16`, never above the streaming read's) and the KV cache
+    (float32) at the streaming read's. `bound_of_ceiling` is then the highest fraction of the ceiling that
+    kernels widening bfloat16 as qwen-ref's do could reach in that round."""
     out = {}
     for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{plan.prefill_prompts[-1]}"):
         decode_bf16 = work.startswith("decode") and plan.headline.endswith("-bf16")
@@ -157,27 +163,46 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
         for r in range(1, plan.paired_rounds + 1):
             ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t", {})
             cost = ours.get("bytes_per_token", {}).get("total") or ours.get("flops_per_token")  # set by derive()
-            rate = _ceiling_beside(measurements, plan, r, work, threads)
-            if cost and rate:
-                ceiling = rate * 1e9 / cost
-                x = {"round": r, "qwen_ref": ours["median"], "ceiling_rate": rate, "ceiling": ceiling,
-                     "fraction": ours["median"] / ceiling}
-                bf16_rate = _ceiling_beside(measurements, plan, r, work, threads, "anon-bf16") if decode_bf16 else None
-                if bf16_rate:
-                    b = ours["bytes_per_token"]
-                    x["bf16_rate"] = bf16_rate
-                    x["bf16_bound"] = 1e9 / (b["weights"] / min(bf16_rate, rate) + b["kv_cache"] / rate)
-                    x["bound_of_ceiling"] = x["bf16_bound"] / ceiling
-                    x["fraction_of_bound"] = ours["median"] / x["bf16_bound"]
-                rounds.append(x)
+            apart = _ceiling_beside(measurements, plan, r, work, threads)
+            if not cost or not (apart or "beside" in ours):
+                continue
+            if "beside" in ours:
+                tok_s = ours["values"]
+                rates = [max(x["before"]["anon"], x["after"]["anon"]) for x in ours["beside"]]
+                bf16 = [max(x["before"]["anon-bf16"], x["after"]["anon-bf16"]) for x in ours["beside"]]
+            else:
+                tok_s, rates = [ours["median"]], [apart]
+                bf16 = [_ceiling_beside(measurements, plan, r, work, threads, "anon-bf16")] if decode_bf16 else []
+            x = _round_figures(tok_s, rates, bf16 if decode_bf16 and all(bf16) else None, cost,
+                               ours.get("bytes_per_token"))
+            x["round"], x["beside"] = r, "beside" in ours
+            if "beside" in ours and apart:
+                x["apart_rate"], x["apart_fraction"] = apart, ours["median"] / (apart * 1e9 / cost)
+            rounds.append(x)
         if rounds:
             out[work] = {"rounds": rounds, "median": float(np.median([x["fraction"] for x in rounds]))}
-            bounded = [x for x in rounds if "bf16_bound" in x]  # all rounds, unless --only merged older results
-            if bounded:
-                out[work]["bound_rounds"] = len(bounded)
-                for key in ("bound_of_ceiling", "fraction_of_bound"):
-                    out[work][f"median_{key}"] = float(np.median([x[key] for x in bounded]))
+            for key in ("apart_fraction", "bound_of_ceiling", "fraction_of_bound"):
+                have = [x[key] for x in rounds if key in x]  # all rounds, unless --only merged older results
+                if have:
+                    out[work][f"median_{key}"] = float(np.median(have))
+            if "median_bound_of_ceiling" in out[work]:
+                out[work]["bound_rounds"] = sum("bf16_bound" in x for x in rounds)
     return out
+
+
+def _round_figures(tok_s: list[float], rates: list[float], bf16_rates: list[float] | None, cost: float,
+                   bytes_per_token: dict | None) -> dict:
+    """One paired round: each value of tok_s against the ceiling of its rate (GB/s or GFLOP/s), medians."""
+    ceilings = [rate * 1e9 / cost for rate in rates]
+    x = {"qwen_ref": float(np.median(tok_s)), "ceiling_rate": float(np.median(rates)),
+         "ceiling": float(np.median(ceilings)), "fraction": float(np.median([v / c for v, c in zip(tok_s, ceilings)]))}
+    if bf16_rates:
+        b = bytes_per_token
+        bounds = [1e9 / (b["weights"] / min(f, rate) + b["kv_cache"] / rate) for f, rate in zip(bf16_rates, rates)]
+        x["bf16_rate"], x["bf16_bound"] = float(np.median(bf16_rates)), float(np.median(bounds))
+        x["bound_of_ceiling"] = float(np.median([bound / c for bound, c in zip(bounds, ceilings)]))
+        x["fraction_of_bound"] = float(np.median([v / bound for v, bound in zip(tok_s, bounds)]))
+    return x
 
 
 def _ceiling_beside(measurements: dict[str, dict], plan: Plan, r: int, work: str, threads: int,

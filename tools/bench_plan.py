@@ -129,8 +129,10 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     transformers baseline and the machine's ceilings minutes apart. In each round qwen-ref decodes
     (at the longest context, then at the prompt's) between two streaming reads, and transformers
     decodes right after; qwen-ref's prefill runs between two GEMM runs, transformers' right after.
-    A fraction or ratio from one round compares figures taken under the same state of the host,
-    and the targets use the median over the rounds.
+    The decodes also read the streaming ceiling in their own process just before and after each
+    repeat (`ceiling_beside`), seconds from the tokens they bound rather than a minute: the host's
+    bandwidth moves by 20% within a minute. A fraction or ratio from one round compares figures
+    taken under the same state of the host, and the targets use the median over the rounds.
     """
     shape, dtype = plan.headline.split("-")
     ours, theirs = str(ckpt_root / checkpoint_name(shape, dtype)), str(ckpt_root / checkpoint_name(shape, "bf16"))
@@ -141,9 +143,10 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
         work += [
             _bandwidth(plan, threads, ceiling, "bandwidth", mmap_file=""),
             _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ours,
-                    threads, plan, backend="numba", new_tokens=plan.context_new_tokens, context=ctx),
+                    threads, plan, backend="numba", new_tokens=plan.context_new_tokens, context=ctx,
+                    ceiling_beside=plan.stream_bytes),
             _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode/{threads}t", "qwen_decode", ours, threads, plan,
-                    backend="numba", new_tokens=plan.new_tokens),
+                    backend="numba", new_tokens=plan.new_tokens, ceiling_beside=plan.stream_bytes),
             _bandwidth(plan, threads, ceiling, "bandwidth-after", mmap_file=""),
             _decode(f"paired/{r}/transformers/float32/{shape}/decode/{threads}t", "hf_decode", theirs, threads, plan,
                     torch_dtype="float32", new_tokens=plan.new_tokens),

@@ -257,16 +257,29 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
              "(at the longest context, then at the prompt's) between two streaming reads, and transformers decodes "
              "right after; qwen-ref's prefill runs between two GEMM runs, and transformers' right after. A fraction "
              "or ratio from one round compares figures measured within a minute, under the same state of the host "
-             "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
+             "(which drifts by 15% or more over a run); the targets use the median over the rounds.", "",
+             "The decodes also read the streaming ceiling (float32, and bfloat16 for the bf16 bound) in their own "
+             "process just before and just after each repeat: each repeat is judged against the higher of those two "
+             "readings, seconds away, and a round's figures are the medians over its repeats (ceilings: the median "
+             "of those higher readings). The columns 'a minute apart' judge the same decode against the round's "
+             "separate streaming reads instead (the higher of the two), as runs before this one did.", ""]
     notes = []
     for work, p in fractions.items():
         unit = "GB/s" if work.startswith("decode") else "GFLOP/s"
-        header = ["round", "qwen-ref tok/s", f"ceiling {unit} (higher of the two)", "ceiling tok/s", "of ceiling"]
+        beside = all(x.get("beside") for x in p["rounds"])
+        header = ["round", "qwen-ref tok/s", f"ceiling {unit} ({'beside each repeat' if beside else 'higher of the two'})",
+                  "ceiling tok/s", "of ceiling"]
         rows = [[str(x["round"]), _f(x["qwen_ref"]), _f(x["ceiling_rate"]), _f(x["ceiling"]), _pct(x["fraction"])]
                 for x in p["rounds"]]
         rows.append(["**median**", "", "", "", f"**{_pct(p['median'])}**"])
+        if "median_apart_fraction" in p:  # the same decode against the round's separate reads
+            header += [f"ceiling {unit} a minute apart", "of that ceiling"]
+            for row, x in zip(rows, p["rounds"]):
+                row += [_f(x.get("apart_rate")), _pct(x.get("apart_fraction"))]
+            rows[-1] += ["", f"**{_pct(p['median_apart_fraction'])}**"]
         if "median_bound_of_ceiling" in p:  # the bfloat16 bound beside the ceiling
-            header += ["bf16 read GB/s (higher of the two)", "bf16 bound tok/s", "bound / ceiling", "of bf16 bound"]
+            header += [f"bf16 read GB/s ({'beside each repeat' if beside else 'higher of the two'})", "bf16 bound tok/s",
+                       "bound / ceiling", "of bf16 bound"]
             for row, x in zip(rows, p["rounds"]):
                 row += [_f(x.get("bf16_rate")), _f(x.get("bf16_bound")), _pct(x.get("bound_of_ceiling")),
                         _pct(x.get("fraction_of_bound"))]
@@ -278,7 +291,7 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
         lines += _table(header, rows) + [""]
     if any("median_bound_of_ceiling" in p for p in fractions.values()):
         lines += ["bf16 bound: the tokens/s of a step that read its bfloat16 weights at the `anon-bf16` speed (at most "
-                  "the streaming read's) and its float32 KV cache at the streaming read's, both measured in the round; "
+                  "the streaming read's) and its float32 KV cache at the streaming read's, both read beside the decode; "
                   "bound / ceiling is the highest fraction of the ceiling that kernels widening bfloat16 as qwen-ref's "
                   "do could reach then.", *notes, ""]
     for work, p in ratios.items():

@@ -72,12 +72,15 @@ def wait_for_quiet(max_seconds: float) -> float:
     return time.perf_counter() - start
 
 
-def measure(run: Callable[[], float], spec: dict, what: str, unit: str) -> dict:
+def measure(run: Callable[[], float], spec: dict, what: str, unit: str,
+            beside: Callable[[], dict] | None = None) -> dict:
     """`spec["repeats"]` values of run(), each taken while the machine was quiet if it became quiet.
 
     A repeat during which other processes used > NOISY_CORES cores is discarded and run again after
     waiting for quiet, up to as many extra times as there are repeats; what was discarded is reported.
     All the waits of one workload take at most spec["quiet_wait"] seconds (what is left is kept there).
+    With `beside` (see `ceiling_reads`), its readings just before and just after each repeat are kept
+    with it, in "beside", one {"before", "after"} per value.
     """
     repeats = spec["repeats"]
 
@@ -86,17 +89,21 @@ def measure(run: Callable[[], float], spec: dict, what: str, unit: str) -> dict:
         spec["quiet_wait"] = max(0.0, spec["quiet_wait"] - waited)
         return waited
 
-    values, discarded, total, waited = [], [], CpuLoad(), wait()
+    values, readings, discarded, total, waited = [], [], [], CpuLoad(), wait()
     while len(values) < repeats:
         load = CpuLoad()
         with load.measuring():
+            before = beside() if beside else None
             value = run()
+            reading = {"before": before, "after": beside()} if beside else None
         if load.cores() > NOISY_CORES and len(discarded) < repeats:
-            discarded.append({"value": value, "other_cores": round(load.cores(), 2)})
+            discarded.append({"value": value, "other_cores": round(load.cores(), 2),
+                              **({"beside": reading} if beside else {})})
             _progress(f"{what}: {_f(value)} {unit} with {load.cores():.1f} other cores busy: discarded, waiting for quiet")
             waited += wait()
             continue
         values.append(value)
+        readings.append(reading)
         for name in ("wall", "others", "steal"):
             setattr(total, name, getattr(total, name) + getattr(load, name))
         if repeats <= 5:
@@ -104,7 +111,7 @@ def measure(run: Callable[[], float], spec: dict, what: str, unit: str) -> dict:
     _progress(f"{what}: {_f(float(np.median(values)))} {unit} (median of {repeats})")
     return {"unit": unit, "values": values, "median": float(np.median(values)), "min": float(min(values)),
             "max": float(max(values)), "repeats": len(values), **total.summary(), "discarded": discarded,
-            "quiet_wait_seconds": round(waited, 1)}
+            "quiet_wait_seconds": round(waited, 1), **({"beside": readings} if beside else {})}
 
 
 def _progress(text: str) -> None:
@@ -187,6 +194,23 @@ def work_bandwidth(spec: dict) -> list[dict]:
     return out
 
 
+def ceiling_reads(stream_bytes: int) -> Callable[[], dict]:
+    """The streaming reads of `work_bandwidth`'s anonymous array (`anon`, and as bfloat16, `anon-bf16`)
+    inside a decode's own process: `measure` takes them just before and just after each repeat, seconds
+    from the decode they bound, where the paired rounds' separate workloads are a minute away and the
+    host's bandwidth moves by 20% within one. Each reading is the median of 3 reads, in GB/s."""
+    words = np.ones((stream_bytes // 4096, 1024), dtype=np.float32)  # [rows, 1024]
+    partial = np.empty(words.shape[0], dtype=np.float32)
+    reads = {"anon": (stream_kernel(), words), "anon-bf16": (bf16_read_kernel(), words.view(np.uint32))}
+
+    def reading() -> dict:
+        return {name: float(np.median([_read_gbps(kernel, a, partial) for _ in range(3)]))
+                for name, (kernel, a) in reads.items()}
+
+    reading()  # JIT, page faults
+    return reading
+
+
 def _read_gbps(kernel, words: np.ndarray, partial: np.ndarray) -> float:
     start = time.perf_counter()
     kernel(words, partial)
@@ -267,7 +291,8 @@ def _numba_info(spec: dict) -> dict:
 
 
 def work_qwen_decode(spec: dict) -> list[dict]:
-    """Greedy generation; tokens/s of the steps after the first token (prefill excluded)."""
+    """Greedy generation; tokens/s of the steps after the first token (prefill excluded). In a paired
+    round (spec["ceiling_beside"]: the array's bytes) also the ceiling reads beside each repeat."""
     from qwen_ref.generation import GenerationStats, generate
     from qwen_ref.sampling import GREEDY, Sampler
 
@@ -288,7 +313,8 @@ def work_qwen_decode(spec: dict) -> list[dict]:
         return stats.decode_tokens / stats.decode_seconds
 
     run(min(4, n_new))  # JIT (from the disk cache), page cache, thread pools
-    m = measure(lambda: run(n_new), spec, "decode", "tokens/s")
+    beside = ceiling_reads(spec["ceiling_beside"]) if spec.get("ceiling_beside") else None
+    m = measure(lambda: run(n_new), spec, "decode", "tokens/s", beside)
     return [{"decode_steps": n_new - 1, **m, **_numba_info(spec)}]
 
 
