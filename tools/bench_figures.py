@@ -167,12 +167,10 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
             if not cost or not (apart or "beside" in ours):
                 continue
             if "beside" in ours:
-                tok_s = ours["values"]
-                rates = [max(x["before"]["anon"], x["after"]["anon"]) for x in ours["beside"]]
-                bf16 = [max(x["before"]["anon-bf16"], x["after"]["anon-bf16"]) for x in ours["beside"]]
+                tok_s, rates, bf16 = ours["values"], _higher_reads(ours, "anon"), _higher_reads(ours, "anon-bf16")
             else:
                 tok_s, rates = [ours["median"]], [apart]
-                bf16 = [_ceiling_beside(measurements, plan, r, work, threads, "anon-bf16")] if decode_bf16 else []
+                bf16 = [_ceiling_beside(measurements, plan, r, work, threads, "anon-bf16") if decode_bf16 else None]
             x = _round_figures(tok_s, rates, bf16 if decode_bf16 and all(bf16) else None, cost,
                                ours.get("bytes_per_token"))
             x["round"], x["beside"] = r, "beside" in ours
@@ -190,9 +188,18 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
     return out
 
 
+def _higher_reads(ours: dict, kind: str) -> list[float]:
+    """Per kept repeat of a decode that read its ceiling beside it: the higher of the readings of `kind`
+    ("anon", "anon-bf16") just before and just after the repeat, GB/s."""
+    return [max(x["before"][kind], x["after"][kind]) for x in ours["beside"]]
+
+
 def _round_figures(tok_s: list[float], rates: list[float], bf16_rates: list[float] | None, cost: float,
                    bytes_per_token: dict | None) -> dict:
-    """One paired round: each value of tok_s against the ceiling of its rate (GB/s or GFLOP/s), medians."""
+    """One paired round: each value of tok_s against the ceiling of its rate (GB/s or GFLOP/s; tokens/s =
+    rate / cost per token), and medians over them. With bf16_rates (decodes of a bfloat16 model) also the
+    bfloat16 bound of each value: its weights (`bytes_per_token["weights"]`) read at the bf16 rate, never
+    above the stream's, and its KV cache at the stream's."""
     ceilings = [rate * 1e9 / cost for rate in rates]
     x = {"qwen_ref": float(np.median(tok_s)), "ceiling_rate": float(np.median(rates)),
          "ceiling": float(np.median(ceilings)), "fraction": float(np.median([v / c for v, c in zip(tok_s, ceilings)]))}

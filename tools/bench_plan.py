@@ -139,7 +139,9 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     P, ctx = plan.prefill_prompts[-1], plan.contexts[-1]
     work = []
     for r in range(1, plan.paired_rounds + 1):
-        ceiling = f"paired/{r}/ceiling"  # only the anon read and the headline's GEMM: what the ceilings use
+        # only the anon read and the headline's GEMM: the prefill's ceiling, and for the decodes (which read
+        # theirs in their own process) the figure a minute apart
+        ceiling = f"paired/{r}/ceiling"
         work += [
             _bandwidth(plan, threads, ceiling, "bandwidth", mmap_file=""),
             _decode(f"paired/{r}/qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ours,

@@ -257,18 +257,19 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
              "(at the longest context, then at the prompt's) between two streaming reads, and transformers decodes "
              "right after; qwen-ref's prefill runs between two GEMM runs, and transformers' right after. A fraction "
              "or ratio from one round compares figures measured within a minute, under the same state of the host "
-             "(which drifts by 15% or more over a run); the targets use the median over the rounds.", "",
-             "The decodes also read the streaming ceiling (float32, and bfloat16 for the bf16 bound) in their own "
-             "process just before and just after each repeat: each repeat is judged against the higher of those two "
-             "readings, seconds away, and a round's figures are the medians over its repeats (ceilings: the median "
-             "of those higher readings). The columns 'a minute apart' judge the same decode against the round's "
-             "separate streaming reads instead (the higher of the two), as runs before this one did.", ""]
+             "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
+    if any(x.get("beside") for p in fractions.values() for x in p["rounds"]):
+        lines += ["The decodes also read the streaming ceiling (float32, and bfloat16 for the bf16 bound) in their "
+                  "own process just before and just after each repeat: each repeat is judged against the higher of "
+                  "those two readings, seconds away, and a round's figures are the medians over its repeats "
+                  "(ceilings: the median of those higher readings). The columns 'a minute apart' judge the same "
+                  "decode against the round's separate streaming reads instead (the higher of the two): the method "
+                  "for results without in-process readings.", ""]
     notes = []
     for work, p in fractions.items():
         unit = "GB/s" if work.startswith("decode") else "GFLOP/s"
-        beside = all(x.get("beside") for x in p["rounds"])
-        header = ["round", "qwen-ref tok/s", f"ceiling {unit} ({'beside each repeat' if beside else 'higher of the two'})",
-                  "ceiling tok/s", "of ceiling"]
+        beside = _beside_label(p["rounds"])
+        header = ["round", "qwen-ref tok/s", f"ceiling {unit} ({beside})", "ceiling tok/s", "of ceiling"]
         rows = [[str(x["round"]), _f(x["qwen_ref"]), _f(x["ceiling_rate"]), _f(x["ceiling"]), _pct(x["fraction"])]
                 for x in p["rounds"]]
         rows.append(["**median**", "", "", "", f"**{_pct(p['median'])}**"])
@@ -278,8 +279,7 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
                 row += [_f(x.get("apart_rate")), _pct(x.get("apart_fraction"))]
             rows[-1] += ["", f"**{_pct(p['median_apart_fraction'])}**"]
         if "median_bound_of_ceiling" in p:  # the bfloat16 bound beside the ceiling
-            header += [f"bf16 read GB/s ({'beside each repeat' if beside else 'higher of the two'})", "bf16 bound tok/s",
-                       "bound / ceiling", "of bf16 bound"]
+            header += [f"bf16 read GB/s ({beside})", "bf16 bound tok/s", "bound / ceiling", "of bf16 bound"]
             for row, x in zip(rows, p["rounds"]):
                 row += [_f(x.get("bf16_rate")), _f(x.get("bf16_bound")), _pct(x.get("bound_of_ceiling")),
                         _pct(x.get("fraction_of_bound"))]
@@ -300,6 +300,14 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
         lines += [f"{work}: qwen-ref against transformers float32, tokens/s", ""]
         lines += _table(["round", "qwen-ref", "transformers float32", "ratio"], rows) + [""]
     return lines
+
+
+def _beside_label(rounds: list[dict]) -> str:
+    """How the ceilings of these paired rounds were read (a run merged by --only may mix the two)."""
+    read_beside = [bool(x.get("beside")) for x in rounds]
+    if all(read_beside):
+        return "beside each repeat"
+    return "higher of the two" if not any(read_beside) else "beside each repeat where read, else higher of the two"
 
 
 def _profile_section(M: dict, plan: Plan, t: str) -> list[str]:

@@ -201,6 +201,7 @@ def ceiling_reads(stream_bytes: int) -> Callable[[], dict]:
     host's bandwidth moves by 20% within one. Each reading is the median of 3 reads, in GB/s."""
     words = np.ones((stream_bytes // 4096, 1024), dtype=np.float32)  # [rows, 1024]
     partial = np.empty(words.shape[0], dtype=np.float32)
+    # anon-bf16 is the bound of a bfloat16 headline; for another it costs ~0.1 s per reading, unused
     reads = {"anon": (stream_kernel(), words), "anon-bf16": (bf16_read_kernel(), words.view(np.uint32))}
 
     def reading() -> dict:
