@@ -92,3 +92,14 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length",
                     "## Paired rounds"):
         assert heading in markdown
+
+
+def test_bench_llamacpp_refuses_missing_files_in_one_line(tmp_path):
+    # llama.cpp is not installed here: the comparison script must say what is missing, not trace back
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_llamacpp.py"), "--llama-bench", str(tmp_path / "llama-bench"),
+         "--gguf", f"bf16={tmp_path / 'q05-bf16.gguf'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: --llama-bench must be a file") and run.stderr.count("\n") == 1, run.stderr
