@@ -94,12 +94,16 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
         assert heading in markdown
 
 
-def test_bench_llamacpp_refuses_missing_files_in_one_line(tmp_path):
-    # llama.cpp is not installed here: the comparison script must say what is missing, not trace back
-    run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_llamacpp.py"), "--llama-bench", str(tmp_path / "llama-bench"),
-         "--gguf", f"bf16={tmp_path / 'q05-bf16.gguf'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert run.returncode == 1
-    assert run.stderr.startswith("error: --llama-bench must be a file") and run.stderr.count("\n") == 1, run.stderr
+def test_bench_llamacpp_refuses_bad_arguments_in_one_line(tmp_path):
+    # llama.cpp is not installed here: the comparison script must say what is wrong, not trace back
+    gguf = tmp_path / "q05-bf16.gguf"
+    gguf.write_bytes(b"GGUF")
+    cases = [(["--llama-bench", str(tmp_path / "llama-bench"), "--gguf", f"bf16={gguf}"], "error: --llama-bench "),
+             (["--llama-bench", str(gguf), "--gguf", str(gguf)], "error: --gguf "),  # no STORAGE=
+             (["--llama-bench", str(gguf), "--gguf", f"q4={gguf}"], "error: --gguf q4="),
+             (["--llama-bench", str(gguf), "--gguf", f"bf16={gguf}", "--rounds", "0"], "error: --rounds")]
+    for args, message in cases:
+        run = subprocess.run([sys.executable, str(REPO / "tools" / "bench_llamacpp.py"), *args],
+                             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 1, (args, run.stderr)
+        assert run.stderr.startswith(message) and run.stderr.count("\n") == 1, (args, run.stderr)

@@ -16,8 +16,11 @@ then
     python tools/bench_llamacpp.py --llama-bench build/bin/llama-bench --gguf bf16=q05-bf16.gguf --gguf f32=q05-f32.gguf
 
 Each round: a streaming read, then per storage llama-bench (64 tokens generated after 128 in the cache, as
-tools/bench.py's decode) and qwen-ref's decode of the checkpoint in that storage, then a streaming read.
-Writes benchmarks/llamacpp.json and benchmarks/llamacpp.md (the table, also printed).
+tools/bench.py's decode) and qwen-ref's decode of the checkpoint in that storage, in alternating order from
+round to round, each after waiting for a quiet machine, then a streaming read. The ceiling reads are
+separate workloads, like the paired rounds' "a minute apart" columns, not read in the decode's process.
+(llama.cpp maps its GGUF in 2 MB pages here too: FilePmdMapped 827 MB of 928 during a bf16 run.)
+Writes benchmarks/llamacpp.json (after every round) and benchmarks/llamacpp.md (the table, also printed).
 """
 
 from __future__ import annotations
@@ -31,17 +34,67 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench import REPO, machine_info, run_workload
-from bench_figures import ITEMSIZE, decode_bytes, model_facts
-from bench_plan import DTYPES, Plan, Workload, _bandwidth, _decode, checkpoint_name
+from bench import REPO, ensure_checkpoint, machine_info, run_workload
+from bench_figures import ITEMSIZE, decode_bytes, mean_keys, model_facts
+from bench_plan import DTYPES, Plan, Workload, _bandwidth, _decode
+from bench_workers import CpuLoad, wait_for_quiet
 
 PLAN = Plan()
-MEAN_KEYS = PLAN.prompt + 1 + (PLAN.new_tokens - 2) / 2  # bench_figures.mean_keys of a 64-token decode after 128
+ENGINES = ("llama.cpp", "qwen-ref")
 
 
-def evict(path: Path) -> None:
-    """Drop a file from the page cache, so that it is read again from disk (in large folios, as the bench's
-    checkpoints are) rather than kept in the 4 KB pages its writing left."""
+def main() -> None:
+    a = parse_args()
+    ggufs = parse_ggufs(a.gguf)
+    if not a.llama_bench.is_file():
+        sys.exit(f"error: --llama-bench {a.llama_bench} is not a file")
+    if a.rounds < 1:
+        sys.exit("error: --rounds must be at least 1")
+    checkpoints = {storage: ensure_checkpoint(a.checkpoints, "0.5b", storage) for storage in ggufs}
+    for path in ggufs.values():
+        drop_file_from_page_cache(path)
+    facts = model_facts(checkpoints[next(iter(ggufs))])
+    runs = {"command": " ".join(["python", "tools/bench_llamacpp.py", *sys.argv[1:]]), "machine": machine_info(),
+            "threads": a.threads, "llama_cpp": {}, "rounds": []}
+    for r in range(1, a.rounds + 1):
+        runs["rounds"].append(measure_round(r, a, ggufs, checkpoints, runs["llama_cpp"]))
+        runs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        a.out.write_text(json.dumps(runs, indent=1) + "\n")  # after every round: an interrupted run keeps them
+    text = report(runs, facts, list(ggufs))
+    print(text)
+    a.out.with_suffix(".md").write_text(text)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--llama-bench", type=Path, required=True, help="llama.cpp's llama-bench binary")
+    ap.add_argument("--gguf", action="append", required=True, metavar="STORAGE=PATH",
+                    help="bf16=q05-bf16.gguf: a GGUF of the 0.5B checkpoint in that storage (bf16, f16 or f32)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of reads and decodes")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads of both engines")
+    ap.add_argument("--checkpoints", type=Path, default=REPO / "benchmarks" / "checkpoints",
+                    help="where tools/bench.py keeps (or makes) its checkpoints")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "llamacpp.json",
+                    help="results; the table goes beside it as .md")
+    return ap.parse_args()
+
+
+def parse_ggufs(items: list[str]) -> dict[str, Path]:
+    """{storage: GGUF path} from STORAGE=PATH arguments, or a one-line error."""
+    ggufs = {}
+    for item in items:
+        storage, _, path = item.partition("=")
+        if storage not in DTYPES or not Path(path).is_file():
+            sys.exit(f"error: --gguf {item}: expected STORAGE=PATH with STORAGE one of {', '.join(DTYPES)} "
+                     "and PATH an existing file")
+        ggufs[storage] = Path(path)
+    return ggufs
+
+
+def drop_file_from_page_cache(path: Path) -> None:
+    """As bench.drop_from_page_cache does for checkpoints: a GGUF just written sits in 4 KB pages; read
+    back from disk it comes in large folios, which llama.cpp then maps in 2 MB pages."""
     os.sync()
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -50,83 +103,102 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def llama_decode(llama_bench: Path, gguf: Path, threads: int) -> dict:
-    """llama-bench generating PLAN.new_tokens tokens after PLAN.prompt in the cache (3 repeats): its JSON
-    record, with `avg_ts` the mean tokens/s and the build and model it ran."""
-    args = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-r", "3", "-o", "json",
-            "-p", "0", "-n", str(PLAN.new_tokens), "-d", str(PLAN.prompt)]
-    run = subprocess.run(args, capture_output=True, text=True, check=True)
-    (result,) = json.loads(run.stdout)
-    return result
+def measure_round(r: int, a: argparse.Namespace, ggufs: dict[str, Path], checkpoints: dict[str, Path],
+                  builds: dict) -> dict:
+    """A streaming read, both engines on every storage (llama.cpp first in odd rounds), a streaming read."""
+    row = {"round": r, "read_before": stream_read(a.threads)}
+    for storage, gguf in ggufs.items():
+        row[storage] = {}
+        for engine in (ENGINES if r % 2 else ENGINES[::-1]):
+            if engine == "llama.cpp":
+                row[storage][engine], builds[storage] = llama_decode(a.llama_bench, gguf, a.threads)
+            else:
+                row[storage][engine] = qwen_decode(checkpoints[storage], a.threads)
+    row["read_after"] = stream_read(a.threads)
+    print(json.dumps(row)[:400], file=sys.stderr, flush=True)
+    return row
 
 
-def run(w: Workload) -> list[dict]:
-    """tools/bench.py's worker subprocess for one workload, with the bench's wait for a quiet machine."""
+def run(w: Workload) -> dict:
+    """tools/bench.py's worker subprocess for one workload (its first measurement), or a one-line error."""
     w.spec["quiet_wait"] = PLAN.quiet_wait
-    return run_workload(w)
+    m = run_workload(w)[0]
+    if "error" in m:
+        sys.exit(f"error: {w.name}: {m['error']}")
+    return m
 
 
 def stream_read(threads: int) -> float:
     """The bench's streaming read of a 1 GiB anonymous array, GB/s (median of its repeats)."""
-    (read,) = [m for m in run(_bandwidth(PLAN, threads, "llamacpp", "bandwidth", mmap_file=""))
-               if m["name"].endswith(f"/anon/{threads}t")]
-    return read["median"]
+    return run(_bandwidth(PLAN, threads, "llamacpp", "bandwidth", mmap_file=""))["median"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llama-bench", type=Path, required=True)
-    ap.add_argument("--gguf", action="append", required=True, metavar="STORAGE=PATH",
-                    help="bf16=q05-bf16.gguf: a GGUF of the 0.5B checkpoint in that storage (bf16, f16 or f32)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--checkpoints", type=Path, default=REPO / "benchmarks" / "checkpoints")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "llamacpp.json")
-    a = ap.parse_args()
-    ggufs = dict(item.split("=", 1) for item in a.gguf)
-    if not a.llama_bench.is_file() or any(s not in DTYPES or not Path(p).is_file() for s, p in ggufs.items()):
-        sys.exit("error: --llama-bench must be a file, and each --gguf STORAGE=PATH an existing file with "
-                 f"STORAGE one of {', '.join(DTYPES)}")
-    facts = model_facts(a.checkpoints / checkpoint_name("0.5b", "bf16"))
-    for path in ggufs.values():
-        evict(Path(path))
+def qwen_decode(checkpoint: Path, threads: int) -> dict:
+    """tools/bench.py's decode workload: tokens/s of 63 steps after a 128-token prompt, median of repeats."""
+    m = run(_decode(f"llamacpp/qwen-ref/{checkpoint.name}", "qwen_decode", str(checkpoint), threads, PLAN,
+                    backend="numba", new_tokens=PLAN.new_tokens))
+    return {"tokens_s": m["median"], "values": m["values"], "other_cores": m["other_cores"],
+            "mean_keys": mean_keys(m)}
 
-    rounds, builds = [], {}
-    for r in range(1, a.rounds + 1):
-        row = {"round": r, "read_before": stream_read(a.threads)}
-        for storage, path in ggufs.items():
-            theirs = llama_decode(a.llama_bench, Path(path), a.threads)
-            builds[storage] = {k: theirs.get(k) for k in ("build_commit", "model_type", "type_k", "type_v")}
-            ours = _decode(f"llamacpp/qwen-ref/{storage}", "qwen_decode", str(a.checkpoints / checkpoint_name("0.5b", storage)),
-                           a.threads, PLAN, backend="numba", new_tokens=PLAN.new_tokens)
-            row[storage] = {"llama.cpp": float(theirs["avg_ts"]), "qwen-ref": run(ours)[0]["median"]}
-        row["read_after"] = stream_read(a.threads)
-        rounds.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
 
+def llama_decode(llama_bench: Path, gguf: Path, threads: int) -> tuple[dict, dict]:
+    """llama-bench generating PLAN.new_tokens tokens after PLAN.prompt in its cache, 3 repeats, after waiting
+    for a quiet machine: (tokens/s as the median of the repeats, with the CPU others used; the build and
+    settings it ran with)."""
+    wait_for_quiet(PLAN.quiet_wait)
+    args = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-r", "3", "-o", "json",
+            "-p", "0", "-n", str(PLAN.new_tokens), "-d", str(PLAN.prompt)]
+    load, before = CpuLoad(), os.times()
+    with load.measuring():
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+    after = os.times()
+    # CpuLoad counts a child's CPU as other processes': take llama-bench's own out again
+    own = after.children_user + after.children_system - before.children_user - before.children_system
+    other_cores = round(max(load.others - own, 0.0) / max(load.wall, 1e-9), 3)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"error: llama-bench exited with code {done.returncode}: {last}")
+    (result,) = json.loads(done.stdout)
+    # n_depth positions cached, then the n_gen timed steps see depth + 1 .. depth + n_gen keys
+    keys = result["n_depth"] + (result["n_gen"] + 1) / 2
+    build = {k: result.get(k) for k in ("build_commit", "model_type", "type_k", "type_v", "flash_attn")}
+    return ({"tokens_s": float(np.median(result["samples_ts"])), "values": result["samples_ts"],
+             "other_cores": other_cores, "mean_keys": keys}, build)
+
+
+def report(runs: dict, facts: dict, storages: list[str]) -> str:
+    """The Markdown table: each engine's tokens/s and fraction of the ceiling by round, and their ratio."""
+    rounds = runs["rounds"]
+    ceilings = [max(x["read_before"], x["read_after"]) for x in rounds]
     lines = ["| storage | engine | bytes/token | tokens/s by round | of ceiling by round | median of ceiling |",
              "|---|---|---|---|---|---|"]
-    for storage in ggufs:
+    summary = []
+    for storage in storages:
+        medians = {}
         for engine, cache_itemsize in (("llama.cpp", 2), ("qwen-ref", 4)):  # llama.cpp keeps its KV cache in f16
-            per_token = decode_bytes(facts, ITEMSIZE[storage], cache_itemsize, MEAN_KEYS)["total"]
-            fractions = [x[storage][engine] * per_token / (max(x["read_before"], x["read_after"]) * 1e9) for x in rounds]
-            lines.append(f"| {storage} | {engine} | {per_token / 1e9:.3f} GB | "
-                         + " / ".join(f"{x[storage][engine]:.1f}" for x in rounds) + " | "
-                         + " / ".join(f"{f:.0%}" for f in fractions) + f" | {np.median(fractions):.0%} |")
+            tok_s = [x[storage][engine]["tokens_s"] for x in rounds]
+            per_token = decode_bytes(facts, ITEMSIZE[storage], cache_itemsize, rounds[0][storage][engine]["mean_keys"])
+            fractions = [t * per_token["total"] / (c * 1e9) for t, c in zip(tok_s, ceilings)]
+            medians[engine] = float(np.median(fractions))
+            lines.append(f"| {storage} | {engine} | {per_token['total'] / 1e9:.3f} GB | "
+                         + " / ".join(f"{t:.1f}" for t in tok_s) + " | "
+                         + " / ".join(f"{f:.0%}" for f in fractions) + f" | {medians[engine]:.0%} |")
+        ratios = [x[storage]["qwen-ref"]["tokens_s"] / x[storage]["llama.cpp"]["tokens_s"] for x in rounds]
+        lines.append(f"| {storage} | qwen-ref / llama.cpp | | " + " / ".join(f"{q:.2f}x" for q in ratios)
+                     + f" | | {np.median(ratios):.2f}x |")
+        summary.append(f"{storage}: llama.cpp {medians['llama.cpp']:.0%} of the ceiling, qwen-ref "
+                       f"{medians['qwen-ref']:.0%}, qwen-ref {np.median(ratios):.2f}x llama.cpp's tokens/s")
     reads = " / ".join(f"{x['read_before']:.1f}-{x['read_after']:.1f}" for x in rounds)
-    command = " ".join(["python", "tools/bench_llamacpp.py", *sys.argv[1:]])
-    machine = machine_info()
-    text = [f"# llama.cpp beside qwen-ref ({time.strftime('%Y-%m-%d %H:%M')}, {a.threads} threads)", "",
-            f"`{command}` on {machine.get('cpu_model', 'this machine')}; llama.cpp "
-            + ", ".join(f"{s}: {b['model_type']}, build {b['build_commit']}, KV cache {b['type_k']}" for s, b in builds.items())
-            + ". Decode of the random-weight Qwen1.5-0.5B checkpoint (tied), 64 tokens after 128 in the cache; "
-            "ceiling = the higher of the streaming reads before and after the round (tools/bench.py's `anon` read, "
-            f"GB/s by round: {reads}) over the bytes a step reads.", "", *lines, ""]
-    print("\n".join(text))
-    a.out.write_text(json.dumps({"command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 "machine": machine, "threads": a.threads, "llama_cpp": builds, "rounds": rounds},
-                                indent=1) + "\n")
-    a.out.with_suffix(".md").write_text("\n".join(text))
+    builds = "; ".join(f"{s}: {b['model_type']}, build {b['build_commit']}, KV cache {b['type_k']}"
+                       for s, b in runs["llama_cpp"].items())
+    return "\n".join([
+        f"# llama.cpp beside qwen-ref ({runs['finished']}, {runs['threads']} threads)", "",
+        f"`{runs['command']}` on {runs['machine']['cpu_model']}. llama.cpp {builds}.", "",
+        ("Decode of the random-weight Qwen1.5-0.5B checkpoint (tied embedding), 64 tokens after 128 in the cache; "
+         "the ceiling of a round is the higher of the streaming reads before and after it (tools/bench.py's `anon` "
+         f"read, GB/s by round: {reads}) over the bytes a step reads. Those reads are a minute from the decodes, "
+         "and the host's bandwidth moves by 20% within one: a fraction above 100% is such a move."), "",
+        "Medians over the rounds: " + "; ".join(summary) + ".", "", *lines, ""])
 
 
 if __name__ == "__main__":
