@@ -74,11 +74,17 @@ def drop_from_page_cache(model_dir: Path) -> None:
     read back from disk they come in large folios that qwen-ref maps as 2 MB pages (see
     qwen_ref.weights.map_file). Every run thus starts from the same state, whatever ran before."""
     for path in model_dir.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_file_from_page_cache(path)
+
+
+def drop_file_from_page_cache(path: Path) -> None:
+    """Evict one file's pages, written back first (the kernel keeps dirty pages)."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def kernels_digest() -> str:

@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench import REPO, ensure_checkpoint, machine_info, run_workload
+from bench import (
+    REPO,
+    drop_file_from_page_cache,
+    ensure_checkpoint,
+    machine_info,
+    run_workload,
+)
 from bench_figures import ITEMSIZE, decode_bytes, mean_keys, model_facts
 from bench_plan import DTYPES, Plan, Workload, _bandwidth, _decode
 from bench_workers import CpuLoad, wait_for_quiet
@@ -51,7 +57,7 @@ def main() -> None:
     if a.rounds < 1:
         sys.exit("error: --rounds must be at least 1")
     checkpoints = {storage: ensure_checkpoint(a.checkpoints, "0.5b", storage) for storage in ggufs}
-    for path in ggufs.values():
+    for path in ggufs.values():  # a GGUF just written sits in 4 KB pages: read from disk, llama.cpp maps 2 MB ones
         drop_file_from_page_cache(path)
     facts = model_facts(checkpoints[next(iter(ggufs))])
     runs = {"command": " ".join(["python", "tools/bench_llamacpp.py", *sys.argv[1:]]), "machine": machine_info(),
@@ -90,17 +96,6 @@ def parse_ggufs(items: list[str]) -> dict[str, Path]:
                      "and PATH an existing file")
         ggufs[storage] = Path(path)
     return ggufs
-
-
-def drop_file_from_page_cache(path: Path) -> None:
-    """As bench.drop_from_page_cache does for checkpoints: a GGUF just written sits in 4 KB pages; read
-    back from disk it comes in large folios, which llama.cpp then maps in 2 MB pages."""
-    os.sync()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def measure_round(r: int, a: argparse.Namespace, ggufs: dict[str, Path], checkpoints: dict[str, Path],

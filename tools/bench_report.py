@@ -259,12 +259,12 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
              "or ratio from one round compares figures measured within a minute, under the same state of the host "
              "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
     if any(x.get("beside") for p in fractions.values() for x in p["rounds"]):
-        lines += ["The decodes also read the streaming ceiling (float32, and bfloat16 for the bf16 bound) in their "
-                  "own process just before and just after each repeat: each repeat is judged against the higher of "
-                  "those two readings, seconds away, and a round's figures are the medians over its repeats "
-                  "(ceilings: the median of those higher readings). The columns 'a minute apart' judge the same "
-                  "decode against the round's separate streaming reads instead (the higher of the two): the method "
-                  "for results without in-process readings.", ""]
+        lines += [("The decodes also read the streaming ceiling (float32, and bfloat16 for the bf16 bound) in their "
+                   "own process just before and just after each repeat: each repeat is judged against the higher of "
+                   "those two readings, seconds away, and a round's figures are the medians over its repeats "
+                   "(ceilings: the median of those higher readings). The columns 'a minute apart' judge the same "
+                   "decode against the round's separate streaming reads instead (the higher of the two): the method "
+                   "for results without in-process readings."), ""]
     notes = []
     for work, p in fractions.items():
         unit = "GB/s" if work.startswith("decode") else "GFLOP/s"
