@@ -32,6 +32,7 @@ from numba import njit, prange
 
 from kernels.exp import exp32
 from kernels.microkernel import block_4x16
+from kernels.registers import register_block
 
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
 # query rows per work item: each block of K and V is read once for all of them. Also the width of
@@ -120,7 +121,25 @@ def _score(query, keys, b0, nb, weights, hd):
 
 @njit(fastmath=_FASTMATH, cache=True)
 def _add_weighted(out, weights, values, b0, nb, hd):
-    """out += sum_b weights[b] values[b0 + b] over b < nb: four value rows per load and store of out."""
+    """out += sum_b weights[b] values[b0 + b] over b < nb.
+
+    For hd a multiple of 64, 64 columns at a time are summed in 8 AVX2 registers over all nb value
+    rows and added to out once: a value row costs one broadcast and 8 fused multiply-adds that read
+    it, with no load and store of out per 4 rows as below. Each core then has fewer instructions in
+    flight per byte it streams: a decode step's attention (one query row per kv head) read the cache
+    1.04-1.08x faster at 16K with hd 64, and 1.02-1.13x at 2K-4K with hd 128 (the old and new
+    kernels alternated in one process, medians of 16).
+    """
+    if hd % 64 == 0:
+        for d0 in range(0, hd, 64):
+            c = register_block(64)  # [64] sum of weights[b] values[b0 + b, d0:d0+64]
+            for b in range(nb):
+                p, v = weights[b], values[b0 + b, d0 : d0 + 64]  # v [64]
+                for d in range(64):
+                    c[d] += p * v[d]
+            for d in range(64):
+                out[d0 + d] += c[d]
+        return
     for b in range(0, nb - 3, 4):
         p0, p1, p2, p3 = weights[b], weights[b + 1], weights[b + 2], weights[b + 3]
         v0, v1, v2, v3 = values[b0 + b], values[b0 + b + 1], values[b0 + b + 2], values[b0 + b + 3]  # [hd] each
