@@ -1,4 +1,4 @@
-"""A small float32 block that LLVM keeps in vector registers: the accumulators of a GEMM micro-kernel.
+"""A small float32 block that LLVM keeps in vector registers: the accumulators of a micro-kernel.
 
 An array a kernel makes with np.zeros lives on the heap, so every `c[i] += ...` on it is a load
 and a store. `register_block(n)` is an array on the kernel's stack instead: once the loops of

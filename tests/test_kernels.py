@@ -397,11 +397,12 @@ def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare
     assert np.all(np.abs(got - want) <= attention_bound(q, keys, values, S))
 
 
-# hd 64 or 128 with T * G >= 4 query rows per kv head goes through the tiled item, fewer rows or hd 66 a row at a time
+# hd 64 or 128 with T * G >= 4 query rows per kv head goes through the tiled item, fewer rows or hd 66 a row at a time;
+# hd 192, a multiple of 64 that is not a literal head size, sums its values 64 columns at a time like 64 and 128
 @pytest.mark.parametrize(
     ("T", "past", "Hkv", "G", "hd"),
     [(1, 1500, 1, 8, 64), (1, 3000, 2, 1, 64), (2, 1200, 1, 4, 64), (3, 700, 1, 2, 64), (3, 700, 1, 1, 64),
-     (2, 1200, 1, 4, 66), (1, 3000, 2, 1, 128), (2, 1200, 1, 4, 128)],
+     (2, 1200, 1, 4, 66), (1, 3000, 2, 1, 128), (2, 1200, 1, 4, 128), (1, 1300, 1, 1, 192)],
 )
 def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G, hd):
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
@@ -442,8 +443,11 @@ def test_attention_accepts_caches_that_are_not_contiguous():
 
 # hd 8 goes a query row at a time; hd 64 with 4 or more query rows per kv head through the tiled
 # item, in full and partial blocks of 256 keys (at past 198 a block of rows straddles key 256: its
-# first rows see none of the second block), and split into key ranges for the decode step
-@pytest.mark.parametrize(("T", "past", "G", "hd"), [(4, 20, 2, 8), (8, 20, 2, 64), (100, 198, 2, 64), (1, 1500, 8, 64)])
+# first rows see none of the second block), and split into key ranges for the decode step; hd 64
+# and 128 with one query row per kv head a row at a time, values summed 64 columns at a time
+@pytest.mark.parametrize(("T", "past", "G", "hd"),
+                         [(4, 20, 2, 8), (8, 20, 2, 64), (100, 198, 2, 64), (1, 1500, 8, 64), (1, 1500, 1, 64),
+                          (1, 1500, 1, 128)])
 def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, past, G, hd):
     q, keys, values, S = attention_case(np.random.default_rng(3), T, past, 2, G, hd, 3, 1.0)
     keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
