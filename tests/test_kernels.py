@@ -148,12 +148,13 @@ def test_bf16_pair_dot_matches_its_python_body_and_the_exact_sum(n_pairs, seed):
     assert abs(float(got) - float(dot_bf16_pairs(w_pairs, x_even, x_odd))) <= bound
 
 
+@pytest.mark.parametrize("word", [0, 1])  # the low word of a pair (widened by the shift) or the high one (the mask)
 @pytest.mark.parametrize("position", [0, 31, 40, 69])  # in the first step, at its end, in the second, in the tail
-def test_bf16_pair_dot_propagates_inf_and_nan(position):
+def test_bf16_pair_dot_propagates_inf_and_nan(position, word):
     x = np.ones(70, dtype=np.float32)  # 70 pairs: two steps of 32, a tail of 6
-    for value, want in ((np.inf, np.inf), (np.nan, np.nan)):
+    for value, want in ((np.inf, np.inf), (-np.inf, -np.inf), (np.nan, np.nan)):
         w = np.ones(140, dtype=np.float32)
-        w[2 * position + 1] = value  # the high word of the pair
+        w[2 * position + word] = value
         got = _dot_bf16_compiled(stored(w, "BF16").view(np.uint32), x, x)
         np.testing.assert_array_equal(got, np.float32(want))
 
