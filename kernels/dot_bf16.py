@@ -2,7 +2,7 @@
 
 A bfloat16 weight row, read as uint32 pairs, is dotted with x split into its even and odd elements
 (`kernels.matmul._gemv`). Each 32 bytes of weights cost a load, a shift and a mask (`widen_bf16_pair`)
-and two fused multiply-adds: several times the instructions per byte of a float32 sum. On this
+and two multiply-adds that load x: several times the instructions per byte of a float32 sum. On this
 machine's cores that alone held the read back: a bfloat16 read ran at 0.81-0.86 of a float32 read of
 the same bytes when the host's memory was fast, as each core keeps fewer cache lines in flight when it
 has more instructions per line. Asking for each line 1 KB before it is read (`prefetcht0`, one per
@@ -14,8 +14,9 @@ vectorised from Python (`widen_bf16_pair` in a reassociated sum), a GEMV over th
 1.02-1.06x faster on 2 threads and 1.05x on one, with the host at ~30 GB/s (alternating, medians of 12).
 
 Per 32 pairs (128 bytes): two prefetches, four 8-lane loads of pairs, each widened by a shift (the
-low words, elements 2j) and a mask (the high words, 2j + 1), and eight fused multiply-adds into four
-accumulators. The accumulators are added pairwise and their lanes in a fixed order; a tail of fewer
+low words, elements 2j) and a mask (the high words, 2j + 1), and eight multiply-adds into four
+accumulators (`llvm.fmuladd`: fused where the CPU has FMA, as `contract` allows in the other
+kernels). The accumulators, then their lanes, are added in halves in a fixed order; a tail of fewer
 than 32 pairs is added one pair at a time. The order is fixed for a given length: results are
 reproducible and do not depend on the thread count.
 """
@@ -31,8 +32,9 @@ from numba.extending import intrinsic, overload
 from kernels.widen import widen_bf16_pair
 
 _PAIRS_PER_STEP = 32  # 128 bytes of weights: two cache lines, four AVX2 vectors
-_PREFETCH_BYTES = 1024  # distance ahead: 512 and 2048 were slower, in C and here (0.98x and 1.00x)
+_PREFETCH_BYTES = 1024  # distance ahead: 1.02x here, where 512 gave 0.98x and 2048 1.00x (slower in C too)
 _LANES = 8
+_ACCUMULATORS = _PAIRS_PER_STEP // _LANES  # one per 8-lane vector of a step
 
 
 def dot_bf16_pairs(w_pairs: np.ndarray, x_even: np.ndarray, x_odd: np.ndarray) -> np.float32:
@@ -67,14 +69,16 @@ def _dot_ir(typingctx, w_pairs, x_even, x_odd):
         return None
 
     def codegen(context, builder, signature, args):
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        f32, i32 = ir.FloatType(), ir.IntType(32)
         words_t, floats_t = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
-        w = context.make_array(signature.args[0])(context, builder, args[0]).data  # uint32*
+        pairs_array = context.make_array(signature.args[0])(context, builder, args[0])
+        w = pairs_array.data  # uint32*
         xe = context.make_array(signature.args[1])(context, builder, args[1]).data  # float*
         xo = context.make_array(signature.args[2])(context, builder, args[2]).data  # float*
-        n = cgutils.unpack_tuple(builder, context.make_array(signature.args[0])(context, builder, args[0]).shape, 1)[0]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(floats_t, [floats_t] * 3), f"llvm.fma.v{_LANES}f32")
+        n = cgutils.unpack_tuple(builder, pairs_array.shape, 1)[0]  # intp
+        intp = n.type
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(floats_t, [floats_t] * 3), f"llvm.fmuladd.v{_LANES}f32")
         i8p = ir.IntType(8).as_pointer()
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
@@ -87,50 +91,53 @@ def _dot_ir(typingctx, w_pairs, x_even, x_odd):
             return builder.load(address, align=4)
 
         # main loop: j = 0, 32, ... while j + 32 <= n, four accumulators carried in phi nodes
-        n_main = builder.and_(n, ir.Constant(i64, -_PAIRS_PER_STEP))
+        n_main = builder.and_(n, ir.Constant(intp, -_PAIRS_PER_STEP))
         entry = builder.block
         head = builder.append_basic_block("dot_head")
         body = builder.append_basic_block("dot_body")
         reduce = builder.append_basic_block("dot_reduce")
         builder.branch(head)
         builder.position_at_end(head)
-        j = builder.phi(i64)
-        accs = [builder.phi(floats_t) for _ in range(4)]
-        j.add_incoming(ir.Constant(i64, 0), entry)
+        j = builder.phi(intp)
+        accs = [builder.phi(floats_t) for _ in range(_ACCUMULATORS)]
+        j.add_incoming(ir.Constant(intp, 0), entry)
         for a in accs:
             a.add_incoming(zero, entry)
         builder.cbranch(builder.icmp_signed("<", j, n_main), body, reduce)
 
         builder.position_at_end(body)
-        ahead = builder.gep(builder.bitcast(w, i8p), [builder.add(builder.mul(j, ir.Constant(i64, 4)),
-                                                                  ir.Constant(i64, _PREFETCH_BYTES))])
-        for line in (0, 64):  # read, high locality (prefetcht0), data cache
-            builder.call(prefetch, [builder.gep(ahead, [ir.Constant(i64, line)]), ir.Constant(i32, 0),
+        ahead = builder.gep(builder.bitcast(w, i8p), [builder.add(builder.mul(j, ir.Constant(intp, 4)),
+                                                                  ir.Constant(intp, _PREFETCH_BYTES))])
+        for line in range(0, 4 * _PAIRS_PER_STEP, 64):  # each line of a step; read, high locality (prefetcht0), data
+            builder.call(prefetch, [builder.gep(ahead, [ir.Constant(intp, line)]), ir.Constant(i32, 0),
                                     ir.Constant(i32, 3), ir.Constant(i32, 1)])
         new_accs = []
         for k, a in enumerate(accs):
-            jk = builder.add(j, ir.Constant(i64, k * _LANES))
+            jk = builder.add(j, ir.Constant(intp, k * _LANES))
             pairs = vector(w, jk, words_t)
             low = builder.bitcast(builder.shl(pairs, shift), floats_t)  # elements 2j
             high = builder.bitcast(builder.and_(pairs, high_mask), floats_t)  # elements 2j + 1
-            a = builder.call(fma, [low, vector(xe, jk, floats_t), a])
-            new_accs.append(builder.call(fma, [high, vector(xo, jk, floats_t), a]))
-        j_next = builder.add(j, ir.Constant(i64, _PAIRS_PER_STEP))
+            a = builder.call(fmuladd, [low, vector(xe, jk, floats_t), a])
+            new_accs.append(builder.call(fmuladd, [high, vector(xo, jk, floats_t), a]))
+        j_next = builder.add(j, ir.Constant(intp, _PAIRS_PER_STEP))
         j.add_incoming(j_next, body)
         for a, new in zip(accs, new_accs):
             a.add_incoming(new, body)
         builder.branch(head)
 
         builder.position_at_end(reduce)
-        total = builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))  # [8]
+        def halves_added(terms):  # (0 + n/2, 1 + n/2 + 1, ...), then the same again, down to one
+            while len(terms) > 1:
+                half = len(terms) // 2
+                terms = [builder.fadd(terms[i], terms[i + half]) for i in range(half)]
+            return terms[0]
+
+        total = halves_added(accs)  # [8]
         lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(_LANES)]
-        while len(lanes) > 1:  # (0+4, 1+5, 2+6, 3+7), then (.+., .+.), then one
-            half = len(lanes) // 2
-            lanes = [builder.fadd(lanes[i], lanes[i + half]) for i in range(half)]
-        result = cgutils.alloca_once_value(builder, lanes[0])
+        result = cgutils.alloca_once_value(builder, halves_added(lanes))
 
         # tail: the last n mod 32 pairs, one at a time
-        with cgutils.for_range_slice(builder, n_main, n, ir.Constant(i64, 1), i64) as (t, _):
+        with cgutils.for_range_slice(builder, n_main, n, ir.Constant(intp, 1), intp) as (t, _):
             pair = builder.load(builder.gep(w, [t]))
             low = builder.bitcast(builder.shl(pair, ir.Constant(i32, 16)), f32)
             high = builder.bitcast(builder.and_(pair, ir.Constant(i32, 0xFFFF0000)), f32)
