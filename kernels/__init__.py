@@ -10,7 +10,7 @@ layers with those kernels in one call, writing the step's keys and values into t
 Every kernel is compiled with `cache=True`: the first process compiles (tens of seconds), later
 ones load machine code from `__pycache__` beside these files, or from NUMBA_CACHE_DIR. Numba checks
 only the file a cached function is written in: after editing a module that others call (widen,
-exp, silu, microkernel, registers, dot_bf16; and matmul, norm, rope, attention, which decode calls), delete
+exp, silu, microkernel, registers; and matmul, norm, rope, attention, which decode calls), delete
 `kernels/__pycache__`, or the callers keep the old code. With
 NUMBA_DISABLE_JIT=1 the same code runs as plain Python, slowly, for stepping through in a debugger.
 """

@@ -3,15 +3,14 @@
 Two kinds of kernel, chosen by the number of rows of x:
   - `_gemv` (the decode step, T = 1, and T <= 3) streams every weight row once, widening it in
     registers. It is bound by memory bandwidth, so it is parallel over output rows and does nothing
-    else. bfloat16 rows of even length are read as uint32 pairs by `kernels.dot_bf16`: a shift and
-    a mask widen both words, no shuffles, and each cache line is prefetched 1 KB before it is read.
-    It takes several weights at once (`linears`: q, k and v; `swiglu`: gate and up, with the SwiGLU
-    gate applied as each pair of rows is done), because each parallel region costs a thread wake-up
-    and a wait for the slower thread: on the decode step of Qwen1.5-0.5B, 4 regions per layer
-    instead of 7 and no separate silu pass. Before the prefetch, the bf16 weight GEMVs of a whole
-    step, called back to back, read at 0.94 of tools/bench.py's bfloat16 read bound (`anon-bf16`:
-    the same widening, no x), itself 0.85-0.95 of its float32 streaming read; per core the bf16
-    GEMV read ~17 GB/s against ~21 for a float32 sum, the cost of widening.
+    else. bfloat16 rows of even length are read as uint32 pairs (`_dot_bf16_pairs`: a shift and a
+    mask widen both words, no shuffles). It takes several weights at once (`linears`: q, k and v;
+    `swiglu`: gate and up, with the SwiGLU gate applied as each pair of rows is done), because each
+    parallel region costs a thread wake-up and a wait for the slower thread: on the decode step of
+    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The bf16 weight
+    GEMVs of a whole step, called back to back, read at 0.94 of tools/bench.py's bfloat16 read
+    bound (`anon-bf16`: the same widening, no x), itself 0.85-0.95 of its float32 streaming read;
+    per core the bf16 GEMV reads ~17 GB/s against ~21 for a float32 sum, the cost of widening.
     float16 rows are widened by vcvtph2ps where the CPU has F16C (`kernels.widen`); without it the
     float16 GEMV is bound by computation, not memory.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
@@ -43,10 +42,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.dot_bf16 import dot_bf16_pairs
 from kernels.microkernel import block_4x16
 from kernels.silu import silu
-from kernels.widen import as_kernel_dtype, widen
+from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
@@ -158,17 +156,28 @@ def _dot(w_row, x_row):
     return acc
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _dot_bf16_pairs(w_pairs, x_even, x_odd):
+    """sum_j widen(w[j]) * x[j] for bfloat16 words read in pairs: little-endian, so the low half of
+    pair j is element 2j and the high half element 2j + 1."""
+    acc = np.float32(0.0)
+    for j in range(w_pairs.shape[0]):
+        low, high = widen_bf16_pair(w_pairs[j])
+        acc += low * x_even[j] + high * x_odd[j]
+    return acc
+
+
 def _row_dot(w_row, x_row, x_even, x_odd):
     """One output of a GEMV: a weight row (stored words, or uint32 bfloat16 pairs) dotted with x."""
     if w_row.dtype == np.uint32:
-        return dot_bf16_pairs(w_row, x_even, x_odd)
+        return _dot_bf16_pairs(w_row, x_even, x_odd)
     return _dot(w_row, x_row)
 
 
 @overload(_row_dot)
 def _row_dot_jit(w_row, x_row, x_even, x_odd):
     if w_row.dtype == types.uint32:
-        return lambda w_row, x_row, x_even, x_odd: dot_bf16_pairs(w_row, x_even, x_odd)
+        return lambda w_row, x_row, x_even, x_odd: _dot_bf16_pairs(w_row, x_even, x_odd)
     return lambda w_row, x_row, x_even, x_odd: _dot(w_row, x_row)
 
 

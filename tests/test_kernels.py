@@ -23,7 +23,6 @@ from numba import njit
 
 import kernels
 import kernels.widen as widen_module
-from kernels.dot_bf16 import dot_bf16_pairs
 from kernels.exp import exp32
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.linear import linear as linear_twin
@@ -122,41 +121,6 @@ def test_exp32_is_within_one_ulp_of_float64_exp_from_underflow_to_overflow():
     finite = np.isfinite(want)
     ulps = np.abs(got[finite].view(np.int32).astype(np.int64) - want[finite].view(np.int32).astype(np.int64))
     assert ulps.max() <= 1  # subnormal results count in ulps of the subnormal spacing
-
-
-# ---------------------------------------------------------------------------------------------
-# The bfloat16 GEMV's dot product, spelled out in LLVM IR (32 pairs per step, then a tail)
-
-
-@njit
-def _dot_bf16_compiled(w_pairs, x_even, x_odd):
-    return dot_bf16_pairs(w_pairs, x_even, x_odd)
-
-
-@settings(max_examples=80, deadline=None)
-@given(n_pairs=st.one_of(st.integers(0, 100), st.sampled_from([32, 64, 512, 1408])), seed=seeds)
-def test_bf16_pair_dot_matches_its_python_body_and_the_exact_sum(n_pairs, seed):
-    rng = np.random.default_rng(seed)
-    words = stored(rng.standard_normal(2 * n_pairs), "BF16")  # [2n] bfloat16 words
-    x = rng.standard_normal(2 * n_pairs, dtype=np.float32)  # [2n]
-    w_pairs, x_even, x_odd = words.view(np.uint32), np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
-    got = _dot_bf16_compiled(w_pairs, x_even, x_odd)
-    terms = to_float32(words).astype(np.float64) * x  # exact products of float32 values
-    # both are float32 sums of the 2n products in different orders: each within (2n + 1) U sum|terms|
-    bound = 2 * (2 * n_pairs + 1) * U * np.abs(terms).sum()
-    assert abs(float(got) - terms.sum()) <= bound / 2
-    assert abs(float(got) - float(dot_bf16_pairs(w_pairs, x_even, x_odd))) <= bound
-
-
-@pytest.mark.parametrize("word", [0, 1])  # the low word of a pair (widened by the shift) or the high one (the mask)
-@pytest.mark.parametrize("position", [0, 31, 40, 69])  # in the first step, at its end, in the second, in the tail
-def test_bf16_pair_dot_propagates_inf_and_nan(position, word):
-    x = np.ones(70, dtype=np.float32)  # 70 pairs: two steps of 32, a tail of 6
-    for value, want in ((np.inf, np.inf), (-np.inf, -np.inf), (np.nan, np.nan)):
-        w = np.ones(140, dtype=np.float32)
-        w[2 * position + word] = value
-        got = _dot_bf16_compiled(stored(w, "BF16").view(np.uint32), x, x)
-        np.testing.assert_array_equal(got, np.float32(want))
 
 
 # ---------------------------------------------------------------------------------------------
