@@ -5,12 +5,14 @@ No timing is asserted: CI machines are too noisy for that. The full benchmark is
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MEASUREMENT_KINDS = {"bandwidth", "gemm", "qwen_decode", "qwen_prefill", "profile", "hf_decode", "hf_prefill"}
@@ -104,6 +106,59 @@ def test_bench_llamacpp_refuses_bad_arguments_in_one_line(tmp_path):
              (["--llama-bench", str(gguf), "--gguf", f"bf16={gguf}", "--rounds", "0"], "error: --rounds")]
     for args, message in cases:
         run = subprocess.run([sys.executable, str(REPO / "tools" / "bench_llamacpp.py"), *args],
+                             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 1, (args, run.stderr)
+        assert run.stderr.startswith(message) and run.stderr.count("\n") == 1, (args, run.stderr)
+
+
+
+def test_bench_bf16_read_checks_its_gemvs_and_writes_every_kernel_of_every_round(tmp_path):
+    # 128 MB instead of 1 GiB: the numbers mean nothing here, the agreement check and the files do
+    out = tmp_path / "bf16_read.json"
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "bench_bf16_read.py"), "--gib", "0.125",
+                          "--rounds", "2", "--pause", "0", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(out.read_text())
+    kernels = {"stream", "bf16 read", "qwen-ref GEMV", "C GEMV", "C GEMV, prefetch", "qwen-ref GEMV in calls",
+               "C GEMV, prefetch, in calls"}
+    assert len(results["rounds"]) == 2
+    for r in results["rounds"]:
+        assert set(r["GB/s"]) == set(r["other_and_steal_cores"]) == kernels
+    assert set(results["agreement"]) == kernels - {"stream", "bf16 read"}
+    assert "| C GEMV, prefetch, in calls |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_bf16_read_agreement_check_fails_a_gemv_that_skips_rows():
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_bf16_read import GEMVS, check_agreement
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(0x3C00, 0x4000, size=(64, 64), dtype=np.uint16)  # [rows, n_in], |w| in [2^-7, 2)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = (words.astype(np.uint32) << 16).view(np.float32)  # [rows, n_in] float32, exact
+    runs = {}
+    for name in GEMVS:
+        y = np.empty(64, dtype=np.float32)
+        runs[name] = (functools.partial(np.matmul, w, x[0], out=y), y, w.nbytes)  # a float32 GEMV
+    assert all(ratio <= 1 for ratio in check_agreement(runs, words.view(np.uint32), x).values())
+
+    y = np.empty(64, dtype=np.float32)
+    runs["C GEMV, prefetch"] = (functools.partial(np.matmul, w[:32], x[0], out=y[:32]), y, w.nbytes)  # half the rows
+    with pytest.raises(SystemExit, match="C GEMV, prefetch is off the exact product by nan"):
+        check_agreement(runs, words.view(np.uint32), x)
+
+
+def test_bench_bf16_read_refuses_bad_arguments_in_one_line(tmp_path):
+    cases = [(["--rounds", "0"], "error: --rounds"), (["--n-in", "100"], "error: --n-in"),
+             (["--gib", "0"], "error: --gib"), (["--gib", "inf"], "error: --gib"), (["--gib", "1e6"], "error: --gib"),
+             (["--pause", "nan"], "error: --pause"), (["--call-mb", "1e9"], "error: --call-mb"),
+             (["--out", str(tmp_path / "no" / "x.json")], "error: --out"),
+             (["--gib", "0.01", "--threads", "0"], "error: --threads"),
+             (["--gib", "0.01", "--cc", str(tmp_path / "no-cc")], "error: cannot run the C compiler"),
+             (["--gib", "0.01", "--cc", "true"], "error: true did not make a library")]
+    for args, message in cases:
+        run = subprocess.run([sys.executable, str(REPO / "tools" / "bench_bf16_read.py"), *args],
                              cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         assert run.returncode == 1, (args, run.stderr)
         assert run.stderr.startswith(message) and run.stderr.count("\n") == 1, (args, run.stderr)
