@@ -298,6 +298,7 @@ def measure_round(runs: dict, reverse: bool) -> tuple[dict[str, float], dict[str
         loads[name] = round(load.cores() + load.steal / max(load.wall, 1e-9), 3)
     return rates, loads
 
+
 def report(results: dict) -> str:
     """The table of results.json: each kernel's GB/s and fraction of the stream over the rounds, then every round."""
     rates = [r["GB/s"] for r in results["rounds"]]
