@@ -111,7 +111,6 @@ def test_bench_llamacpp_refuses_bad_arguments_in_one_line(tmp_path):
         assert run.stderr.startswith(message) and run.stderr.count("\n") == 1, (args, run.stderr)
 
 
-
 def test_bench_bf16_read_checks_its_gemvs_and_writes_every_kernel_of_every_round(tmp_path):
     # 128 MB instead of 1 GiB: the numbers mean nothing here, the agreement check and the files do
     out = tmp_path / "bf16_read.json"

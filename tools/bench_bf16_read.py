@@ -283,7 +283,9 @@ def check_agreement(runs: dict, pairs: np.ndarray, x: np.ndarray) -> dict[str, f
 def measure_round(runs: dict, reverse: bool) -> tuple[dict[str, float], dict[str, float]]:
     """GB/s of each kernel, the median of 3 reads (one disturbed read does not count), in the order of
     KERNELS or, every other round, the reverse; and the cores that other processes and the hypervisor
-    took during each kernel's reads. An untimed read first: the first read after a pause runs slower."""
+    took during each kernel's reads. An untimed read first: the first read after a pause runs slower.
+    Not bench_workers.measure, which reruns a disturbed repeat alone: here the caller reruns the whole
+    round, so that every fraction compares kernels read under one state of the host."""
     runs["stream"][0]()
     rates, loads = {}, {}
     for name in KERNELS[::-1] if reverse else KERNELS:
