@@ -1,7 +1,7 @@
 """The operations the model is written against, and the backends that implement them.
 
 `numpy` is the readable specification (qwen_ref's own modules); `numba` runs the JIT kernels of the
-top-level `kernels` package. Both take and return the same shapes and dtypes, so `model.py` is
+top-level `jitkernels` package. Both take and return the same shapes and dtypes, so `model.py` is
 written once.
 """
 
@@ -30,7 +30,7 @@ class Backend:
     apply_rope: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,n,hd], [T,hd/2] x2) -> [T,n,hd]
     attention: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]  # ([T,H,hd], [Hkv,cap,hd] x2, S) -> [T,H*hd]
     swiglu: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,D], [F,D] x2) -> [T,F]
-    # optional: the decoder layers of a one-token step in one call (see kernels.decode.DecoderStack);
+    # optional: the decoder layers of a one-token step in one call (see jitkernels.decode.DecoderStack);
     # (per-layer weight dicts, H, Hkv, eps) -> a callable (x [1,D], keys, values, past, cos, sin) -> [1,D]
     decoder_stack: Callable | None = None
 
@@ -52,19 +52,19 @@ def get_backend(name: str) -> Backend:
 
 
 def _numba_backend() -> Backend:
-    """The JIT kernels of the `kernels` package, imported only when asked for, so that `import qwen_ref`
+    """The JIT kernels of the `jitkernels` package, imported only when asked for, so that `import qwen_ref`
     stays light and the numpy backend works where Numba is missing or cannot compile."""
     try:
-        import kernels
+        import jitkernels
     except ImportError as exc:
         raise QwenRefError(f"the numba backend is unavailable: {exc}") from None
     return Backend(
         "numba",
-        linear=kernels.linear,
-        linears=kernels.linears,
-        rms_norm=kernels.rms_norm,
-        apply_rope=kernels.apply_rope,
-        attention=kernels.attention,
-        swiglu=kernels.swiglu,
-        decoder_stack=kernels.DecoderStack,
+        linear=jitkernels.linear,
+        linears=jitkernels.linears,
+        rms_norm=jitkernels.rms_norm,
+        apply_rope=jitkernels.apply_rope,
+        attention=jitkernels.attention,
+        swiglu=jitkernels.swiglu,
+        decoder_stack=jitkernels.DecoderStack,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from qwen_ref.generation import (
     prefill,
 )
 from qwen_ref.model import QwenModel, load_model
+from qwen_ref.npz import save_npz
 from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.profile import Profile, profiled_backend
 from qwen_ref.sampling import Sampler, SamplingParams
@@ -173,8 +175,7 @@ def _run_logits(args: argparse.Namespace) -> int:
     with _progress(args, len(tokens)) as bar:
         logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False, on_chunk=bar.update)
     try:
-        with open(args.out, "wb") as f:
-            np.savez(f, tokens=np.array(tokens, dtype=np.int64), logits=logits)
+        save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "logits": logits})
     except OSError as exc:
         raise QwenRefError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if "threads" in args:
             set_threads(args.threads)
+        if getattr(args, "quiet", False):
+            logging.getLogger("jitkernels").setLevel(logging.ERROR)  # its first-compile notice
         return COMMANDS[args.command](args)
     except QwenRefError as exc:
         if debug:

@@ -38,7 +38,7 @@ class QwenModel:
             config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
 
     def _layer_weights(self, i: int) -> dict[str, np.ndarray | None]:
-        """Layer i's weights under the names `kernels.decode.DecoderStack` takes."""
+        """Layer i's weights under the names `jitkernels.decode.DecoderStack` takes."""
         p, W = f"model.layers.{i}.", self.weights
         a, m = p + "self_attn.", p + "mlp."
         return {"attn_norm": W[p + "input_layernorm.weight"], "ffn_norm": W[p + "post_attention_layernorm.weight"],
@@ -84,7 +84,7 @@ class QwenModel:
     ) -> np.ndarray:
         """Qwen2DecoderLayer.forward: x + attention(norm(x)), then + mlp(norm(.)).
 
-        `kernels.decode` repeats this layer for one-token steps on the numba backend: change both.
+        `jitkernels.decode` repeats this layer for one-token steps on the numba backend: change both.
         """
         cfg, W, ops = self.config, self.weights, self.backend
         T, H, Hkv, hd = len(x), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

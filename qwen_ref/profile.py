@@ -55,7 +55,7 @@ def _matmul_name(weight_name: str, tied: bool) -> str:
 
 def profiled_backend(backend: Backend, weights: dict[str, np.ndarray], tied: bool, profile: Profile) -> Backend:
     """`backend` with every operation timed into `profile`. A model given it runs a decode step's
-    operations one by one, each timed, not in one call (`kernels.decode`): ~8% slower."""
+    operations one by one, each timed, not in one call (`jitkernels.decode`): ~8% slower."""
     names = {id(w): _matmul_name(name, tied) for name, w in weights.items()}
 
     def matmuls(*ws: np.ndarray) -> str:

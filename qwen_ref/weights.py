@@ -12,6 +12,7 @@ lets a checkpoint larger than RAM stream through the page cache.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -37,7 +38,9 @@ def to_float32(w: np.ndarray) -> np.ndarray:
 def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -> dict[str, np.ndarray]:
     """Every tensor of one .safetensors file as a read-only view of a memory map.
 
-    `dtypes` maps the file's dtype names to NumPy dtypes; any other dtype is refused.
+    `dtypes` maps the file's dtype names to NumPy dtypes; any other dtype is refused. The header is
+    checked as the format defines it, field by field, before any view is made: a corrupt or
+    hostile file gets an error naming the tensor and the field, never a view past the file.
     """
     size = path.stat().st_size
     if size < 8:
@@ -48,30 +51,75 @@ def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -
         raise QwenRefError(f"{path}: corrupt safetensors header (header length {header_len}, file size {size})")
     try:
         header = json.loads(data[8 : 8 + header_len].tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QwenRefError(f"{path}: corrupt safetensors header ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise QwenRefError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise QwenRefError(f"{path}: corrupt safetensors header (not a JSON object)")
 
-    body_start = 8 + header_len
+    body = data[8 + header_len :]  # the tensors' bytes; data_offsets count from here
+    entries = {
+        name: _tensor_entry(info, dtypes, len(body), f"{path}: tensor {name!r}")
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    _check_layout(path, entries, len(body))
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, (dtype, shape, begin, end) in entries.items():
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise QwenRefError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        dtype = dtypes.get(dtype_name)
-        if dtype is None:
-            raise QwenRefError(f"{path}: tensor {name!r} has dtype {dtype_name}; only {', '.join(dtypes)} are supported")
-        if body_start + end > size:
-            raise QwenRefError(f"{path}: truncated file: tensor {name!r} ends at byte {body_start + end} of {size}")
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or begin < 0:
-            raise QwenRefError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype_name}")
-        tensors[name] = data[body_start + begin : body_start + end].view(dtype).reshape(shape)
+            tensors[name] = body[begin:end].view(dtype).reshape(shape)
+        except ValueError:  # sizes agree, so only an empty tensor with absurd dimensions gets here
+            raise QwenRefError(f"{path}: tensor {name!r} has an unusable shape {_short(shape)}") from None
     return tensors
+
+
+def _short(value: object) -> str:
+    """A header value for an error message, cut to stay on one line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _tensor_entry(info: object, dtypes: dict[str, np.dtype], body_size: int, where: str) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, each field's type and value checked."""
+    if not isinstance(info, dict):
+        raise QwenRefError(f"{where}: header entry must be an object, not {_short(info)}")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise QwenRefError(f"{where}: header entry has no {field!r}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str):
+        raise QwenRefError(f"{where}: dtype must be a string, not {_short(dtype_name)}")
+    if dtype_name not in dtypes:
+        raise QwenRefError(f"{where}: dtype {_short(dtype_name)} is not supported (only {', '.join(dtypes)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise QwenRefError(f"{where}: shape must be a list of non-negative integers, not {_short(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise QwenRefError(f"{where}: data_offsets must be two integers [begin, end], 0 <= begin <= end, "
+                           f"not {_short(offsets)}")
+    begin, end = offsets
+    if end > body_size:
+        raise QwenRefError(f"{where}: truncated file: data_offsets end at byte {end} of {body_size} data bytes")
+    dtype = dtypes[dtype_name]
+    if end - begin != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow on absurd shapes
+        raise QwenRefError(f"{where}: data_offsets give {end - begin} bytes, shape {_short(shape)} "
+                           f"{dtype_name} needs {math.prod(shape) * dtype.itemsize}")
+    return dtype, shape, begin, end
+
+
+def _check_layout(path: Path, entries: dict[str, tuple], body_size: int) -> None:
+    """The format's rule: tensors tile the data bytes in order, with no overlap, gap or trailing bytes."""
+    expected_begin, previous = 0, "the start of the data"
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != expected_begin:
+            kind = "overlaps" if begin < expected_begin else "leaves a gap after"
+            raise QwenRefError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {kind} {previous}")
+        expected_begin, previous = end, f"tensor {name!r}"
+    if expected_begin != body_size:
+        raise QwenRefError(f"{path}: {body_size - expected_begin} bytes after the last tensor's data (corrupt file?)")
 
 
 def map_file(path: Path) -> mmap.mmap:
@@ -128,6 +176,9 @@ def _weight_files(model_dir: Path) -> list[Path]:
             names = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise QwenRefError(f"{index}: unreadable shard index ({exc})") from None
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise QwenRefError(f"{index}: shard name {outside[0]!r} is not a file name in the checkpoint folder")
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
             raise QwenRefError(f"{index}: names shard {missing[0]} which is not in {model_dir}")

@@ -1,4 +1,4 @@
-"""kernels.decode.DecoderStack: a decode step's layers in one call give the logits of the op-by-op path, bit for bit.
+"""jitkernels.decode.DecoderStack: a decode step's layers in one call give the logits of the op-by-op path, bit for bit.
 
 Both run the same kernels in the same order on the same float32 values, so there is no tolerance:
 any difference means the stack computes something else (a missed bias, a wrong cache slot, other

@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-import kernels
-import kernels.widen as widen_module
-from kernels.exp import exp32
+import jitkernels
+import jitkernels.widen as widen_module
+from jitkernels.exp import exp32
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.linear import linear as linear_twin
 from qwen_ref.linear import linears as linears_twin
@@ -59,7 +59,7 @@ def stored(values: np.ndarray, dtype: str) -> np.ndarray:
 def test_bfloat16_widening_is_exact_for_all_65536_words():
     words = np.arange(2**16, dtype=np.uint16).reshape(1, -1)  # [1, 65536]
     out = np.empty(words.shape, dtype=np.float32)
-    kernels.widen_rows(words, out)
+    jitkernels.widen_rows(words, out)
     # bit comparison, so nan payloads, signed zeros and infinities count too
     np.testing.assert_array_equal(out.view(np.uint32), words.astype(np.uint32) << 16)
 
@@ -67,7 +67,7 @@ def test_bfloat16_widening_is_exact_for_all_65536_words():
 def test_float16_widening_matches_numpy_for_all_65536_words_including_subnormals_inf_and_nan():
     words = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(1, -1)  # [1, 65536]
     out = np.empty(words.shape, dtype=np.float32)
-    kernels.widen_rows(words.view(np.int16), out)  # float16 reaches the kernels as int16 words
+    jitkernels.widen_rows(words.view(np.int16), out)  # float16 reaches the kernels as int16 words
     # bit comparison, except that the F16C conversion sets the quiet bit of a signalling nan (payload
     # and sign stay)
     nan = np.isnan(words)
@@ -151,7 +151,7 @@ def test_linear_matches_numpy_twin(T, n_in, n_out, dtype, with_bias, seed):
     x = rng.standard_normal((T, n_in), dtype=np.float32)
     weight = stored(rng.standard_normal((n_out, n_in)), dtype)
     bias = stored(rng.standard_normal(n_out), dtype) if with_bias else None
-    got = kernels.linear(x, weight, bias)
+    got = jitkernels.linear(x, weight, bias)
     want = linear_twin(x, weight, bias)
     assert got.dtype == np.float32 and got.shape == (T, n_out)
     w32, b32 = to_float32(weight), (np.abs(to_float32(bias)) if with_bias else 0.0)
@@ -168,7 +168,7 @@ def test_linear_propagates_inf_and_nan_like_numpy_twin(T, dtype):
     w[1, 3], w[2, 4], w[3, 0], w[3, 1] = np.inf, np.nan, np.inf, -np.inf
     x[0, 7] = np.inf
     weight = stored(w, dtype)
-    got = kernels.linear(x, weight, None)
+    got = jitkernels.linear(x, weight, None)
     with np.errstate(invalid="ignore"):
         want = linear_twin(x, weight, None)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -181,7 +181,7 @@ def test_linear_of_a_long_matrix_reduces_in_column_blocks_over_many_weight_tiles
     weight = stored(rng.standard_normal((301, 2100)), "BF16")  # many tiles, the last one ragged
     bias = stored(rng.standard_normal(301), "BF16")
     for rows in (x[:1], x[:2], x[:12], x):  # GEMV twice, then GEMM with full and ragged blocks of 4 rows
-        got = kernels.linear(rows, weight, bias)
+        got = jitkernels.linear(rows, weight, bias)
         bound = sum_order_bound(np.abs(rows), np.abs(to_float32(weight)), np.abs(to_float32(bias)))
         assert np.all(np.abs(got - linear_twin(rows, weight, bias)) <= bound)  # dot products of 2100 terms
 
@@ -202,7 +202,7 @@ def test_linears_match_numpy_twin_for_every_projection(T, n_in, n_outs, dtype, w
     x = rng.standard_normal((T, n_in), dtype=np.float32)
     weights = tuple(stored(rng.standard_normal((n, n_in)), dtype) for n in n_outs)
     biases = tuple(stored(rng.standard_normal(n), dtype) if with_bias else None for n in n_outs)
-    got = kernels.linears(x, weights, biases)
+    got = jitkernels.linears(x, weights, biases)
     want = linears_twin(x, weights, biases)
     assert len(got) == len(n_outs)
     for g, w_, weight, bias in zip(got, want, weights, biases):
@@ -214,10 +214,10 @@ def test_linears_match_numpy_twin_for_every_projection(T, n_in, n_outs, dtype, w
 def test_linears_refuse_weights_of_different_dtypes_or_a_missing_bias():
     x = np.ones((1, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="share a dtype"):
-        kernels.linears(x, (stored(np.ones((2, 4)), "F32"), stored(np.ones((2, 4)), "BF16")), (None, None))
+        jitkernels.linears(x, (stored(np.ones((2, 4)), "F32"), stored(np.ones((2, 4)), "BF16")), (None, None))
     for rows in (x, np.ones((5, 4), dtype=np.float32)):  # the GEMV and the GEMM path
         with pytest.raises(ValueError, match="2 weights but 1 biases"):
-            kernels.linears(rows, (stored(np.ones((2, 4)), "BF16"), stored(np.ones((2, 4)), "BF16")), (None,))
+            jitkernels.linears(rows, (stored(np.ones((2, 4)), "BF16"), stored(np.ones((2, 4)), "BF16")), (None,))
 
 
 def test_linear_reads_bfloat16_weights_at_any_alignment():
@@ -227,7 +227,7 @@ def test_linear_reads_bfloat16_weights_at_any_alignment():
     buffer = stored(rng.standard_normal(1 + 6 * 8), "BF16")
     weight = buffer[1:].reshape(6, 8)  # [6, 8] at an odd word offset
     assert weight.ctypes.data % 4 == 2
-    got = kernels.linear(x, weight, None)
+    got = jitkernels.linear(x, weight, None)
     assert np.all(np.abs(got - linear_twin(x, weight, None)) <= sum_order_bound(np.abs(x), np.abs(to_float32(weight)), 0.0))
 
 
@@ -243,7 +243,7 @@ def test_swiglu_matches_numpy_twin(T, D, F, dtype, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, D), dtype=np.float32)
     w_gate, w_up = stored(rng.standard_normal((F, D)), dtype), stored(rng.standard_normal((F, D)), dtype)
-    got = kernels.swiglu(x, w_gate, w_up)
+    got = jitkernels.swiglu(x, w_gate, w_up)
     want = swiglu_twin(x, w_gate, w_up)
     assert got.shape == (T, F)
     # gate g and up u each carry the dot-product bound e_g, e_u; |silu'| <= 1.1, so the product is off
@@ -270,7 +270,7 @@ def test_swiglu_of_wide_inputs_groups_fewer_tiles_and_ends_on_a_ragged_tile(D):
     e_g = sum_order_bound(abs_x, np.abs(to_float32(w_gate)), 0.0)
     e_u = sum_order_bound(abs_x, np.abs(to_float32(w_up)), 0.0)
     for rows in (x[:2], x):  # GEMV, then GEMM
-        got = kernels.swiglu(rows, w_gate, w_up)
+        got = jitkernels.swiglu(rows, w_gate, w_up)
         want = swiglu_twin(rows, w_gate, w_up)
         up = np.abs(linear_twin(rows, w_up))
         n = len(rows)
@@ -294,7 +294,7 @@ def test_rms_norm_matches_numpy_twin(T, D, dtype, scale, seed):
     rng = np.random.default_rng(seed)
     x = (scale * rng.standard_normal((T, D))).astype(np.float32)
     weight = stored(1.0 + 0.3 * rng.standard_normal(D), dtype)
-    got = kernels.rms_norm(x, weight, 1e-6)
+    got = jitkernels.rms_norm(x, weight, 1e-6)
     want = rms_norm_twin(x, weight, 1e-6)
     # the sum of D positive squares is off by at most D U relative on each side, halved by the square
     # root: the sides differ by D U; mean, + eps, sqrt, reciprocal and two products add 6 U per side
@@ -314,7 +314,7 @@ def test_apply_rope_matches_numpy_twin_bit_for_bit(T, n_heads, hd, past, seed):
     x = rng.standard_normal((T, n_heads, hd), dtype=np.float32)
     cos, sin = rope_cos_sin(np.arange(past, past + T), rope_inv_freq(hd, 1e6))
     x_before = x.copy()
-    got = kernels.apply_rope(x, cos, sin)
+    got = jitkernels.apply_rope(x, cos, sin)
     # the same two float32 products and one sum per element, in the same order: no tolerance
     np.testing.assert_array_equal(got, apply_rope_twin(x, cos, sin))
     np.testing.assert_array_equal(x, x_before)
@@ -333,7 +333,7 @@ def test_swiglu_gate_matches_numpy_silu_over_its_range(T, F, scale, seed):
     rng = np.random.default_rng(seed)
     x = (scale * rng.standard_normal((T, F))).astype(np.float32)
     eye = np.eye(F, dtype=np.float32)
-    got = kernels.swiglu(x, eye, eye)
+    got = jitkernels.swiglu(x, eye, eye)
     want = silu_mul_twin(x, x)
     # exp32 is within 1 ulp (test above), NumPy's SIMD float32 exp within 3 ulp, so they differ by at
     # most 4 ulp = 8 U relative; 1 + e, the division and the product round once on each side: 14 U,
@@ -391,7 +391,7 @@ def attention_bound(q, keys, values, S):
 )
 def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, seed):
     q, keys, values, S = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale)
-    got = kernels.attention(q, keys, values, S)
+    got = jitkernels.attention(q, keys, values, S)
     want = attention_twin(q, keys, values, S)
     assert got.shape == (T, Hkv * G * hd)
     assert np.all(np.abs(got - want) <= attention_bound(q, keys, values, S))
@@ -408,7 +408,7 @@ def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hk
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
     # with any number of threads (2 to 4 ranges here even on one thread)
     q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, hd, 5, 2.0)
-    got = kernels.attention(q, keys, values, S)
+    got = jitkernels.attention(q, keys, values, S)
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
 
 
@@ -419,7 +419,7 @@ def test_attention_merges_key_ranges_that_some_query_rows_never_reach(hd):
     # acc 0) and whole items lie past their rows; the merge must weigh those ranges by 0.
     import importlib
 
-    impl = importlib.import_module("kernels.attention")  # the module, shadowed by the function in kernels
+    impl = importlib.import_module("jitkernels.attention")  # the module, shadowed by the function in kernels
     q, keys, values, S = attention_case(np.random.default_rng(11), 16, 20, 1, 1, hd, 2, 1.0)
     T, H, _ = q.shape
     n_splits = 4
@@ -437,7 +437,7 @@ def test_attention_accepts_caches_that_are_not_contiguous():
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
     k = rng.standard_normal((2, 8, 14), dtype=np.float32).transpose(0, 2, 1)  # [Hkv, capacity, hd], hd strided
     v = rng.standard_normal((14, 2, 8), dtype=np.float32).transpose(1, 0, 2)[::-1]  # heads reversed
-    got = kernels.attention(q, k, v, 11)
+    got = jitkernels.attention(q, k, v, 11)
     assert np.all(np.abs(got - attention_twin(q, k, v, 11)) <= attention_bound(q, k, v, 11))
 
 
@@ -452,7 +452,7 @@ def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_ca
     q, keys, values, S = attention_case(np.random.default_rng(3), T, past, 2, G, hd, 3, 1.0)
     keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
     k_before, v_before = keys.copy(), values.copy()
-    got = kernels.attention(q, keys, values, S)
+    got = jitkernels.attention(q, keys, values, S)
     assert np.all(np.isfinite(got))
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
     np.testing.assert_array_equal(keys, k_before)
@@ -499,7 +499,7 @@ def test_model_logits_on_numba_backend_match_numpy_backend_full_and_incremental(
 _SMOKE = textwrap.dedent(
     """
     import numpy as np
-    import kernels
+    import jitkernels
     from qwen_ref.backends import NUMPY
 
     rng = np.random.default_rng(0)
@@ -512,22 +512,22 @@ _SMOKE = textwrap.dedent(
               ro((rng.standard_normal((5, 8), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16))):
         b = ro(w[:, 0].copy())
         for rows in (x[:1], x):
-            worst = max(worst, np.abs(kernels.linear(rows, w, b) - NUMPY.linear(rows, w, b)).max())
-            for got, want in zip(kernels.linears(rows, (w, w), (b, None)), NUMPY.linears(rows, (w, w), (b, None))):
+            worst = max(worst, np.abs(jitkernels.linear(rows, w, b) - NUMPY.linear(rows, w, b)).max())
+            for got, want in zip(jitkernels.linears(rows, (w, w), (b, None)), NUMPY.linears(rows, (w, w), (b, None))):
                 worst = max(worst, np.abs(got - want).max())
-            worst = max(worst, np.abs(kernels.swiglu(rows, w, w) - NUMPY.swiglu(rows, w, w)).max())
-        worst = max(worst, np.abs(kernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
+            worst = max(worst, np.abs(jitkernels.swiglu(rows, w, w) - NUMPY.swiglu(rows, w, w)).max())
+        worst = max(worst, np.abs(jitkernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
     cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
     k, v = cache[0], cache[1]
-    worst = max(worst, np.abs(kernels.attention(q, k, v, 5) - NUMPY.attention(q, k, v, 5)).max())
-    worst = max(worst, np.abs(kernels.attention(q[:1], k, v, 5) - NUMPY.attention(q[:1], k, v, 5)).max())
+    worst = max(worst, np.abs(jitkernels.attention(q, k, v, 5) - NUMPY.attention(q, k, v, 5)).max())
+    worst = max(worst, np.abs(jitkernels.attention(q[:1], k, v, 5) - NUMPY.attention(q[:1], k, v, 5)).max())
     q16 = rng.standard_normal((5, 4, 16), dtype=np.float32)  # 10 query rows per kv head of hd 16: the tiled item
     cache16 = rng.standard_normal((2, 2, 9, 16), dtype=np.float32)
-    worst = max(worst, np.abs(kernels.attention(q16, cache16[0], cache16[1], 5) - NUMPY.attention(q16, cache16[0], cache16[1], 5)).max())
+    worst = max(worst, np.abs(jitkernels.attention(q16, cache16[0], cache16[1], 5) - NUMPY.attention(q16, cache16[0], cache16[1], 5)).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
-    worst = max(worst, np.abs(kernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
-    # kernels.decode.DecoderStack: a one-token step of a 2-layer model, against the same step op by op
+    worst = max(worst, np.abs(jitkernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
+    # jitkernels.decode.DecoderStack: a one-token step of a 2-layer model, against the same step op by op
     import dataclasses
     from qwen_ref.backends import get_backend
     from qwen_ref.config import QwenConfig
@@ -570,7 +570,7 @@ def test_a_second_process_loads_every_kernel_from_the_cache_without_compiling():
         """
         import sys
         from numba.core.dispatcher import Dispatcher
-        dispatchers = [obj for name, module in list(sys.modules.items()) if name.startswith("kernels.")
+        dispatchers = [obj for name, module in list(sys.modules.items()) if name.startswith("jitkernels.")
                        for obj in vars(module).values() if isinstance(obj, Dispatcher)]
         print("dispatchers", len(dispatchers), "misses", sum(sum(d.stats.cache_misses.values()) for d in dispatchers))
         """

@@ -116,12 +116,3 @@ def test_random_configs_agree_with_transformers_float32(torch_reference, tmp_pat
     greedy = list(generate(ours, tokens.tolist(), GREEDY_TOKENS, (), Sampler(GREEDY)))
     assert greedy[:n_check] == expected[:n_check]
 
-
-def test_transformers_does_not_mistake_our_kernels_package_for_hub_kernels(torch_reference):
-    # both are importable as `kernels`; transformers must see ours as "not the hub-kernels library"
-    from transformers.utils.import_utils import is_kernels_available
-
-    import kernels
-
-    assert callable(kernels.linear) and callable(kernels.attention)  # ours, not a namespace or another library
-    assert not is_kernels_available()

@@ -1,5 +1,6 @@
 import json
 import mmap
+import re
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     random_checkpoint(tmp_path, small_config())
     path = tmp_path / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(QwenRefError, match=r"model.safetensors: truncated file: tensor '.*' ends at byte"):
+    with pytest.raises(QwenRefError, match=r"model.safetensors: tensor '.*': truncated file: data_offsets end at byte"):
         load_model(tmp_path)
 
 
@@ -103,7 +104,79 @@ def test_corrupt_headers_raise_one_clear_error(tmp_path, content, message):
 def test_unsupported_dtype_is_refused(tmp_path):
     header = json.dumps({"x": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(QwenRefError, match="dtype I64"):
+    with pytest.raises(QwenRefError, match="dtype \"I64\" is not supported"):
+        read_safetensors(tmp_path / "model.safetensors")
+
+
+def _with_entry(tmp_path, body=8, **fields):
+    """A one-tensor file (two float32 values) whose header entry has `fields` replaced."""
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    entry.update(fields)
+    header = json.dumps({"w": entry}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(body))
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"dtype": ["F32"]}, "tensor 'w': dtype must be a string, not [\"F32\"]"),
+        ({"dtype": None}, "tensor 'w': dtype must be a string, not null"),
+        ({"shape": "2"}, "tensor 'w': shape must be a list of non-negative integers, not \"2\""),
+        ({"shape": None}, "tensor 'w': shape must be a list of non-negative integers, not null"),
+        ({"shape": {"0": 2}}, "shape must be a list of non-negative integers"),
+        ({"shape": [2.0]}, "shape must be a list of non-negative integers"),
+        ({"shape": [True, 2]}, "shape must be a list of non-negative integers"),
+        ({"shape": [-1, -2]}, "shape must be a list of non-negative integers"),
+        ({"shape": [0, 2**80]}, "data_offsets give 8 bytes, shape [0, 1208925819614629174706176] F32 needs 0"),
+        ({"data_offsets": "0,8"}, "tensor 'w': data_offsets must be two integers"),
+        ({"data_offsets": [0, 8, 16]}, "data_offsets must be two integers"),
+        ({"data_offsets": [8, 0]}, "0 <= begin <= end"),
+        ({"data_offsets": [-8, 0]}, "0 <= begin <= end"),
+        ({"data_offsets": [0, 2**70]}, "truncated file: data_offsets end at byte 1180591620717411303424 of 8"),
+        ({"data_offsets": [4, 8], "shape": [1]}, "tensor 'w' (data_offsets [4, 8]) leaves a gap after the start"),
+        ({"data_offsets": [0, 4], "shape": [1]}, "4 bytes after the last tensor's data"),
+    ],
+)
+def test_each_header_field_is_checked_and_named(tmp_path, fields, message):
+    with pytest.raises(QwenRefError, match=re.escape(message)):
+        read_safetensors(_with_entry(tmp_path, **fields))
+
+
+def test_empty_tensor_with_more_dimensions_than_numpy_allows_is_refused(tmp_path):
+    path = _with_entry(tmp_path, body=0, shape=[0] + [1] * 70, data_offsets=[0, 0])
+    with pytest.raises(QwenRefError, match="tensor 'w' has an unusable shape"):
+        read_safetensors(path)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    header = json.dumps({
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(QwenRefError, match=re.escape("tensor 'b' (data_offsets [4, 12]) overlaps tensor 'a'")):
+        read_safetensors(path)
+
+
+def test_missing_field_and_non_object_entry_are_named(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(QwenRefError, match="tensor 'w': header entry has no 'data_offsets'"):
+        read_safetensors(path)
+    header = json.dumps({"w": [1, 2]}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(QwenRefError, match=re.escape("tensor 'w': header entry must be an object, not [1, 2]")):
+        read_safetensors(path)
+
+
+def test_deeply_nested_header_is_a_corrupt_header_not_a_crash(tmp_path):
+    header = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(QwenRefError, match="corrupt safetensors header"):
         read_safetensors(tmp_path / "model.safetensors")
 
 
@@ -120,6 +193,14 @@ def test_shard_index_naming_a_missing_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(small_config()))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(QwenRefError, match="names shard gone.safetensors"):
+        load_model(tmp_path)
+
+
+def test_shard_index_naming_a_path_outside_the_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(small_config()))
+    index = {"weight_map": {"a": "../model.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(QwenRefError, match="shard name '../model.safetensors' is not a file name"):
         load_model(tmp_path)
 
 

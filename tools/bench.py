@@ -88,9 +88,9 @@ def drop_file_from_page_cache(path: Path) -> None:
 
 
 def kernels_digest() -> str:
-    """Which kernels/ source a workload ran (another engineer may be changing it during the run)."""
+    """Which jitkernels/ source a workload ran (another engineer may be changing it during the run)."""
     h = hashlib.sha256()
-    for path in sorted((REPO / "kernels").glob("*.py")):
+    for path in sorted((REPO / "jitkernels").glob("*.py")):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:12]
 

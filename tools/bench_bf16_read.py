@@ -9,7 +9,7 @@ float32 sum of as many bytes, which does none of this work. Here, round after ro
   - `bf16 read`: tools/bench.py's bfloat16 read bound (bench_workers.bf16_read_kernel: widening and
     adding, no x) over a random bfloat16 matrix of --gib GiB, rows of --n-in words (1024 is
     Qwen1.5-0.5B's hidden size), which every GEMV below reads too;
-  - `qwen-ref GEMV`: the kernel a decode step runs (kernels.matmul._gemv), over that matrix;
+  - `qwen-ref GEMV`: the kernel a decode step runs (jitkernels.matmul._gemv), over that matrix;
   - `C GEMV`: an AVX2 loop in C, compiled here with `--cc`: per 64 bytes of pairs two 32-byte loads,
     two shifts, two masks and four fused multiply-adds; called from a Numba prange that gives each
     thread an equal range of rows, as _gemv's prange does;
@@ -47,7 +47,7 @@ from bench_plan import NOISY_CORES
 from bench_workers import CpuLoad, bf16_read_kernel, stream_kernel, wait_for_quiet
 from numba import njit, prange
 
-from kernels.matmul import _gemv
+from jitkernels.matmul import _gemv
 from qwen_ref.errors import QwenRefError
 from qwen_ref.threads import set_threads
 

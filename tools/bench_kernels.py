@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import kernels  # noqa: E402
+import jitkernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
 from bench_workers import bf16_read_kernel, stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
@@ -78,7 +78,7 @@ def bench_gemv(repeats: int) -> None:
                 report(f"{name}: stream bound", lambda: stream_kernel()(words, partial), n_repeats, gigabytes, "GB/s")
                 pairs = w.view(np.uint32)  # the same bytes, widened as the GEMV widens them
                 report(f"{name}: bf16 read bound", lambda: bf16_read_kernel()(pairs, partial), n_repeats, gigabytes, "GB/s")
-            report(f"{name}: numba", lambda: kernels.linear(x, w, None), n_repeats, gigabytes, "GB/s")
+            report(f"{name}: numba", lambda: jitkernels.linear(x, w, None), n_repeats, gigabytes, "GB/s")
             if n_out < 10000 or dtype == "bf16":
                 report(f"{name}: numpy twin", lambda: NUMPY.linear(x, w, None), max(3, repeats // 4), gigabytes, "GB/s")
 
@@ -95,20 +95,20 @@ def bench_gemm(repeats: int) -> None:
         for dtype in ("bf16", "f16", "f32"):
             w = stored(rng, (n_out, n_in), dtype)
             name = f"gemm T={T} [{n_out},{n_in}] {dtype}"
-            report(f"{name}: numba", lambda: kernels.linear(x, w, None), n_repeats, flops, "GFLOP/s")
+            report(f"{name}: numba", lambda: jitkernels.linear(x, w, None), n_repeats, flops, "GFLOP/s")
             if dtype == "bf16":
                 report(f"{name}: numpy twin", lambda: NUMPY.linear(x, w, None), n_repeats, flops, "GFLOP/s")
     x = rng.standard_normal((T, 1024), dtype=np.float32)
     w_gate, w_up = stored(rng, (2816, 1024), "bf16"), stored(rng, (2816, 1024), "bf16")
     name = f"swiglu T={T} [2816,1024] x2 bf16"
     flops = 4 * T * 2816 * 1024 / 1e9
-    report(f"{name}: numba", lambda: kernels.swiglu(x, w_gate, w_up), repeats, flops, "GFLOP/s")
+    report(f"{name}: numba", lambda: jitkernels.swiglu(x, w_gate, w_up), repeats, flops, "GFLOP/s")
     report(f"{name}: numpy twin", lambda: NUMPY.swiglu(x, w_gate, w_up), repeats, flops, "GFLOP/s")
     w = stored(rng, (2816, 1024), "bf16")
     for T in (2, 3, 4, 8, 16):  # few rows: GEMV up to 3, then GEMM; in GB/s of weights read
         x = rng.standard_normal((T, 1024), dtype=np.float32)
         name = f"linear T={T} [2816,1024] bf16: numba"
-        report(name, lambda: kernels.linear(x, w, None), 20 * repeats, w.nbytes / 1e9, "GB/s")
+        report(name, lambda: jitkernels.linear(x, w, None), 20 * repeats, w.nbytes / 1e9, "GB/s")
 
 
 def bench_attention(repeats: int) -> None:
@@ -120,7 +120,7 @@ def bench_attention(repeats: int) -> None:
         k, v = cache[0], cache[1]
         pairs = Hkv * G * (T * past + T * (T + 1) / 2) / 1e6  # (query, key) pairs scored
         name = f"attention T={T} S={S} Hkv={Hkv} G={G}"
-        report(f"{name}: numba", lambda: kernels.attention(q, k, v, S), repeats, pairs, "Mpair/s")
+        report(f"{name}: numba", lambda: jitkernels.attention(q, k, v, S), repeats, pairs, "Mpair/s")
         report(f"{name}: numpy twin", lambda: NUMPY.attention(q, k, v, S), max(3, repeats // 4), pairs, "Mpair/s")
 
 
@@ -138,7 +138,7 @@ def bench_small(repeats: int) -> None:
         ]:
             op = name.split()[0]
             twin = getattr(NUMPY, op)
-            report(f"{name}: numba", lambda: getattr(kernels, op)(*args), n, size / 1e6, "Melem/s")
+            report(f"{name}: numba", lambda: getattr(jitkernels, op)(*args), n, size / 1e6, "Melem/s")
             report(f"{name}: numpy twin", lambda: twin(*args), n, size / 1e6, "Melem/s")
 
 
@@ -147,21 +147,21 @@ _FIRST_CALLS = """
 import time
 start = time.perf_counter()
 import numpy as np
-import kernels
+import jitkernels
 rng = np.random.default_rng(0)
 x = rng.standard_normal((5, 8), dtype=np.float32)  # 5 rows: the GEMM path
 for w in (rng.standard_normal((5, 8), dtype=np.float32), rng.standard_normal((5, 8)).astype(np.float16),
           (rng.standard_normal((5, 8), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)):
     w.setflags(write=False)
-    kernels.linear(x[:1], w, w[:, 0].copy()); kernels.linear(x, w, None); kernels.rms_norm(x, w[0], 1e-6)
-    kernels.linears(x[:1], (w, w), (None, None)); kernels.swiglu(x[:1], w, w); kernels.swiglu(x, w, w)
+    jitkernels.linear(x[:1], w, w[:, 0].copy()); jitkernels.linear(x, w, None); jitkernels.rms_norm(x, w[0], 1e-6)
+    jitkernels.linears(x[:1], (w, w), (None, None)); jitkernels.swiglu(x[:1], w, w); jitkernels.swiglu(x, w, w)
 q = rng.standard_normal((5, 4, 8), dtype=np.float32)
 cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
-kernels.attention(q, cache[0], cache[1], 5)
-kernels.apply_rope(q, x[:, :4], x[:, :4])
+jitkernels.attention(q, cache[0], cache[1], 5)
+jitkernels.apply_rope(q, x[:, :4], x[:, :4])
 q16 = rng.standard_normal((5, 4, 16), dtype=np.float32)  # hd 16, 10 query rows per kv head: the tiled item
 cache16 = rng.standard_normal((2, 2, 9, 16), dtype=np.float32)
-kernels.attention(q16, cache16[0], cache16[1], 5)
+jitkernels.attention(q16, cache16[0], cache16[1], 5)
 print(time.perf_counter() - start)
 """
 
@@ -175,7 +175,7 @@ def bench_jit(repeats: int) -> None:
                 [sys.executable, "-c", _FIRST_CALLS], env=env, cwd=REPO, capture_output=True, text=True, check=True
             )
             seconds = float(out.stdout)
-            print(f"jit {run:25s} {seconds:7.2f} s  (import kernels, one call per kernel and dtype)", flush=True)
+            print(f"jit {run:25s} {seconds:7.2f} s  (import jitkernels, one call per kernel and dtype)", flush=True)
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def markdown(results: dict, plan: Plan) -> str:
     for n, digest in uses_kernels.items():
         versions_seen[digest].append(n)
     if len(versions_seen) > 1:
-        lines += ["**Note**: `kernels/` changed while this was measured: " + "; ".join(
+        lines += ["**Note**: `jitkernels/` changed while this was measured: " + "; ".join(
             f"version {d} ran {len(ns)} of the numba measurements" for d, ns in versions_seen.items())
             + " (each measurement in results.json records its `kernels_sha`).", ""]
     busy = [n for n, m in M.items() if _busy(m)]

@@ -146,7 +146,7 @@ def bf16_read_kernel():
     """Compiled in the workers only, like stream_kernel."""
     from numba import njit, prange
 
-    from kernels.widen import widen_bf16_pair
+    from jitkernels.widen import widen_bf16_pair
 
     @njit(parallel=True, fastmath={"reassoc"}, cache=True)
     def read_bf16(pairs, partial):

@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import io
 import json
 import lzma
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,8 @@ import tokenizers
 import torch
 import transformers
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from qwen_ref.npz import save_npz
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_JSON_XZ = REPO / "tests/data/qwen1.5-tokenizer/tokenizer.json.xz"
@@ -291,17 +291,6 @@ def rewrite_as_qwen15(path: Path, eos: tuple[int, ...]) -> None:
     (path / "config.json").write_text(json.dumps(qwen15, indent=2) + "\n")
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez_compressed with a fixed zip timestamp, so reruns write identical bytes."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for key, value in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, buffer.getvalue())
-
-
 def check_tokenization(case: Case) -> None:
     tokenizer_json = lzma.decompress(TOKENIZER_JSON_XZ.read_bytes()).decode()
     tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -354,7 +343,7 @@ def make_case(case: Case, path: Path) -> str:
     }
     if case.prompt_text is not None:
         arrays["prompt_text"] = np.array(case.prompt_text)
-    save_npz(path / "reference.npz", arrays)
+    save_npz(path / "reference.npz", arrays, compress=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     files = " ".join(f"{f.name}={f.stat().st_size / 1024:.1f}K" for f in sorted(path.iterdir()))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.threads import PARALLEL_MIN_ELEMENTS
-from kernels.widen import as_kernel_dtype, widen
+from jitkernels.cache import CACHE
+from jitkernels.threads import PARALLEL_MIN_ELEMENTS
+from jitkernels.widen import as_kernel_dtype, widen
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -26,7 +27,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-@njit(fastmath={"reassoc"}, cache=True)
+@njit(fastmath={"reassoc"}, cache=CACHE)
 def _sum_squares(row):
     """sum(row^2) in float32; reassoc lets LLVM spread it over SIMD lanes (NumPy sums pairwise)."""
     acc = np.float32(0.0)
@@ -35,7 +36,7 @@ def _sum_squares(row):
     return acc
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _rms_norm_rows(x, weight, eps, out, start, stop):
     D = x.shape[1]
     for t in range(start, stop):
@@ -45,7 +46,7 @@ def _rms_norm_rows(x, weight, eps, out, start, stop):
             out[t, d] = widen(weight[d]) * (x[t, d] * inv_rms)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def _rms_norm_parallel(x, weight, eps, out):
     for t in prange(x.shape[0]):
         _rms_norm_rows(x, weight, eps, out, t, t + 1)

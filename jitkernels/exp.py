@@ -22,7 +22,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from kernels.widen import f32_from_bits
+from jitkernels.widen import f32_from_bits
 
 _F = np.float32
 _LOG2E = _F(1.44269504088896341)

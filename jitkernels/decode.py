@@ -21,11 +21,12 @@ import numpy as np
 from numba import njit
 
 # The jitted functions behind the backend operations, called as the operations call them for one row
-from kernels.attention import _attend, _merge, key_splits
-from kernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, gemv_weight
-from kernels.norm import _rms_norm_rows
-from kernels.rope import _apply_rope_rows
-from kernels.widen import as_kernel_dtype
+from jitkernels.attention import _attend, _merge, key_splits
+from jitkernels.cache import CACHE
+from jitkernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, gemv_weight
+from jitkernels.norm import _rms_norm_rows
+from jitkernels.rope import _apply_rope_rows
+from jitkernels.widen import as_kernel_dtype
 
 
 class DecoderStack:
@@ -40,7 +41,7 @@ class DecoderStack:
             return tuple(as_kernel_dtype(layer[name]) for layer in layers)  # [D] each
 
         def matrices(name: str) -> tuple:
-            # as `kernels.linear` hands them to _gemv: views of the weights (a pair view is never
+            # as `jitkernels.linear` hands them to _gemv: views of the weights (a pair view is never
             # unaligned in a padded safetensors file, so nothing is copied)
             return tuple(gemv_weight(as_kernel_dtype(layer[name])) for layer in layers)  # [n_out, n_in] each
 
@@ -79,7 +80,7 @@ class DecoderStack:
                        self.down, keys, values, past, cos, sin, self.eps, self.n_heads, n_splits, n_threads)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _layers(x, attn_norm, wq, wk, wv, bq, bk, bv, wo, no_bias, ffn_norm, w_gate, w_up, w_down, keys, values, past,
             cos, sin, eps, H, n_splits, n_threads):
     Hkv, hd = keys.shape[1], keys.shape[3]

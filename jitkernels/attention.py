@@ -31,9 +31,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.exp import exp32
-from kernels.microkernel import block_4x16
-from kernels.registers import register_block
+from jitkernels.cache import CACHE
+from jitkernels.exp import exp32
+from jitkernels.microkernel import block_4x16
+from jitkernels.registers import register_block
 
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
 # query rows per work item: each block of K and V is read once for all of them. Also the width of
@@ -96,7 +97,7 @@ def key_splits(T: int, H: int, Hkv: int, S: int, n_threads: int) -> int:
 # C-contiguous for the same reason: a [:, :S] view of it would be a strided array to Numba.
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _score(query, keys, b0, nb, weights, hd):
     """weights[b] = query . keys[b0 + b] over b < nb, four keys per pass over the query; returns the
     largest of them (-inf if nb = 0)."""
@@ -120,7 +121,7 @@ def _score(query, keys, b0, nb, weights, hd):
     return top
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _add_weighted(out, weights, values, b0, nb, hd):
     """out += sum_b weights[b] values[b0 + b] over b < nb.
 
@@ -154,7 +155,7 @@ def _add_weighted(out, weights, values, b0, nb, hd):
             out[d] += p * v[d]
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _softmax_block(scores, n, top, scale, m_run, l_run, i):
     """One block of the online softmax of query row i: the raw scores[:n], whose largest is `top`,
     become e^(s * scale - m'); the running max m_run[i] and sum l_run[i] are updated. Returns
@@ -170,7 +171,7 @@ def _softmax_block(scores, n, top, scale, m_run, l_run, i):
     return correction
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _row_block(query, keys, values, b0, nb, scale, weights, out, m_run, l_run, i, hd):
     """Keys b0 .. b0+nb-1 for query row i of _item_by_rows: scores, online softmax, then out [hd]
     rescaled and the weighted values added. Called with a literal hd, Numba compiles this and the
@@ -182,7 +183,7 @@ def _row_block(query, keys, values, b0, nb, scale, weights, out, m_run, l_run, i
     _add_weighted(out, weights, values, b0, nb, hd)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run):
     """The online softmax of one work item, a query row at a time: rows r0 .. r0+rows-1 of kv head j
     against keys lo .. hi-1, into m_run, l_run, acc_run [rows, hd] (first rows of each)."""
@@ -205,7 +206,7 @@ def _item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, 
                 _row_block(query, keys, values, b0, nb, scale, weights, out, m_run, l_run, i, hd)
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weights, block, correction, m_run, l_run, acc_run):
     """The same as _item_by_rows for 4 to 16 rows and hd a multiple of 16, all rows at once: both
     products run on the GEMM micro-kernel, the scores as keys @ queries^T and the weighted values
@@ -248,7 +249,7 @@ def _item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weigh
                         out[d0 + c] = out[d0 + c] * correction[i0 + i] + block[i, c]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _attend(q, k, v, S, m, l, acc, n_threads):
     """Fill the partial (m, l, acc) of every (key split, query row, head) from the first S positions of k, v."""
     n_splits, T, H, hd = acc.shape
@@ -299,7 +300,7 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
 
 
 # Serial: merging is O(T H hd) against the O(T S H hd) of _attend, less than a parallel launch costs.
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _merge(m, l, acc, out):
     """out[t, h*hd:(h+1)*hd] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s."""
     n_splits, T, H, hd = acc.shape

@@ -11,11 +11,11 @@ Two kinds of kernel, chosen by the number of rows of x:
     GEMVs of a whole step, called back to back, read at 0.94 of tools/bench.py's bfloat16 read
     bound (`anon-bf16`: the same widening, no x), itself 0.85-0.95 of its float32 streaming read;
     per core the bf16 GEMV reads ~17 GB/s against ~21 for a float32 sum, the cost of widening.
-    float16 rows are widened by vcvtph2ps where the CPU has F16C (`kernels.widen`); without it the
+    float16 rows are widened by vcvtph2ps where the CPU has F16C (`jitkernels.widen`); without it the
     float16 GEMV is bound by computation, not memory.
   - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
     scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and
-    runs every block of 4 rows of x over the group with `kernels.microkernel.block_4x16`, which
+    runs every block of 4 rows of x over the group with `jitkernels.microkernel.block_4x16`, which
     keeps a 4 x 16 block of y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
     tile. One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
     `_gemm_swiglu` is the same with 8 gate rows beside the same 8 up rows in each tile: silu(gate)
@@ -42,9 +42,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.microkernel import block_4x16
-from kernels.silu import silu
-from kernels.widen import as_kernel_dtype, widen, widen_bf16_pair
+from jitkernels.cache import CACHE
+from jitkernels.microkernel import block_4x16
+from jitkernels.silu import silu
+from jitkernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
@@ -147,7 +148,7 @@ def _kernel_bias(b: np.ndarray | None, kernel_w: np.ndarray) -> np.ndarray:
     return b
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _dot(w_row, x_row):
     """sum_j widen(w_row[j]) * x_row[j] in float32."""
     acc = np.float32(0.0)
@@ -156,7 +157,7 @@ def _dot(w_row, x_row):
     return acc
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _dot_bf16_pairs(w_pairs, x_even, x_odd):
     """sum_j widen(w[j]) * x[j] for bfloat16 words read in pairs: little-endian, so the low half of
     pair j is element 2j and the high half element 2j + 1."""
@@ -181,7 +182,7 @@ def _row_dot_jit(w_row, x_row, x_even, x_odd):
     return lambda w_row, x_row, x_even, x_odd: _dot(w_row, x_row)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _locate_row(weights, r):
     """(i, row): overall row r of the weights numbered one after another is row `row` of weights[i]."""
     i, row = 0, np.int64(r)  # prange's index may be unsigned: uint64 - int64 would be float64 in Numba
@@ -191,13 +192,13 @@ def _locate_row(weights, r):
     return i, row
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _even_odd(x):
     """x[:, 0::2] and x[:, 1::2], contiguous: the partners of the low and high words of bfloat16 pairs."""
     return np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _gemv(x, weights, biases, ys):
     """ys[i] = x @ weights[i].T (+ biases[i]) for a few rows of x: one pass over every weight, their
     rows numbered one after another and split across threads."""
@@ -213,7 +214,7 @@ def _gemv(x, weights, biases, ys):
             y[t, row] = _row_dot(w_row, x[t], x_even[t], x_odd[t]) + c
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _gemv_swiglu(x, w_gate, w_up, y):
     """y = silu(x @ w_gate.T) * (x @ w_up.T) for a few rows of x, gate and up rows read side by side."""
     x_even, x_odd = _even_odd(x)  # [T, n_in/2] each; used for uint32 pairs only
@@ -224,7 +225,7 @@ def _gemv_swiglu(x, w_gate, w_up, y):
             y[t, r] = silu(g) * u
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def _widen_tile(weight, r0, cols, w_tile, j0, rows):
     """w_tile[:, j0:j0+cols] = weight[r0:r0+cols].T widened to float32, a chunk of columns at a time
     through `rows` [16, >= _WIDEN_CHUNK]: each chunk is widened where it lies (contiguous, so in
@@ -242,14 +243,14 @@ def _widen_tile(weight, r0, cols, w_tile, j0, rows):
                 w_tile[k0 + k, j0 + j] = rows[j, k]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _widen_scratch():
     """_widen_tile's scratch. The transpose reads all 16 rows at each column: rows 16 floats longer
     than a chunk (1088 bytes apart, not 1 KB) put those 16 reads in 16 sets of the L1 cache, not 4."""
     return np.empty((16, _WIDEN_CHUNK + 16), dtype=np.float32)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _tiles_per_group(n_in, n_tiles, n_threads):
     """Tiles widened together: up to _GROUP_BYTES of [n_in, 16] float32 tiles, at most _MAX_GROUP,
     and no more than leaves every thread a group."""
@@ -257,7 +258,7 @@ def _tiles_per_group(n_in, n_tiles, n_threads):
     return max(1, min(_MAX_GROUP, _GROUP_BYTES // tile_bytes, n_tiles // n_threads))
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _gemm(x, weight, bias, y, n_threads):
     """y = x @ weight.T (+ bias) for T >= 4 (any T works): groups of tiles of 16 weight rows, split
     across n_threads (given by the caller: get_num_threads() here would defeat caching)."""
@@ -290,7 +291,7 @@ def _gemm(x, weight, bias, y, n_threads):
                             y[t0 + t, r0 + j] = block[t, j] + bias_tiles[g, j]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _gemm_swiglu(x, w_gate, w_up, y, n_threads):
     """y = silu(x @ w_gate.T) * (x @ w_up.T) for T >= 4, as _gemm with tiles of 8 gate rows beside the
     same 8 up rows: each block of products ends as 8 outputs, and neither product is stored whole."""

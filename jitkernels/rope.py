@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.threads import PARALLEL_MIN_ELEMENTS
+from jitkernels.cache import CACHE
+from jitkernels.threads import PARALLEL_MIN_ELEMENTS
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -30,7 +31,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 # No fastmath: `contract` would fuse a product into the sum and round differently from the twin.
-@njit(cache=True)
+@njit(cache=CACHE)
 def _apply_rope_rows(x, cos, sin, out, start, stop):
     half = x.shape[2] // 2
     for t in range(start, stop):
@@ -42,7 +43,7 @@ def _apply_rope_rows(x, cos, sin, out, start, stop):
                 out[t, h, j + half] = x2 * c + x1 * s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def _apply_rope_parallel(x, cos, sin, out):
     for t in prange(x.shape[0]):
         _apply_rope_rows(x, cos, sin, out, t, t + 1)

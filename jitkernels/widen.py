@@ -24,6 +24,8 @@ from numba.core import config
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
+from jitkernels.cache import CACHE
+
 
 def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
     """A C-contiguous, read-only view of a stored weight that the kernels accept: float16 becomes int16 words.
@@ -154,7 +156,7 @@ def _widen_bf16_pair_jit(pair):
     return None
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def widen_rows(w: np.ndarray, out: np.ndarray) -> None:
     """out[r, :] = float32 value of w[r, :] for every row; w [R, C] stored dtype, out [R, C] float32.
 

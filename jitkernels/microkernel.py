@@ -2,7 +2,7 @@
 
 Both multiply blocks of 4 rows by 16 columns of a [K, >= 16] operand (transposed weight rows,
 transposed queries, or 16 columns of the values). The 4 x 16 sums stay in 8 AVX2 registers for
-the whole loop over K (via `kernels.registers`): each step broadcasts one element of each of the 4
+the whole loop over K (via `jitkernels.registers`): each step broadcasts one element of each of the 4
 rows and needs 6 loads for 8 fused multiply-adds, with no horizontal sums.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from numba import njit
 
-from kernels.registers import register_block
+from jitkernels.cache import CACHE
+from jitkernels.registers import register_block
 
 _FASTMATH = {"reassoc", "contract"}
 
 
-@njit(fastmath=_FASTMATH, cache=True)
+@njit(fastmath=_FASTMATH, cache=CACHE)
 def block_4x16(x, t0, w, j0, block):
     """block[:, :] = x[t0:t0+4, :K] @ w[:, j0:j0+16]: x [rows, >= K], w [K, >= j0 + 16], block [>= 4, 16].
 
