@@ -2,18 +2,19 @@
 
 Numba's `cache=True` writes beside the source by default: into site-packages for a regular install,
 which may be read-only and must not be written by a running program. The kernels are cached instead
-in `$NUMBA_CACHE_DIR` if the user set it, else in a per-user folder keyed by the package's version
-and sources, Numba and Python (`$XDG_CACHE_HOME/qwen-ref/...`, by default under `~/.cache`). A key
-that changes with any kernel source also means a stale callee can never be loaded: Numba itself
-checks only the file a cached function is written in. Where no folder is writable, the kernels
-compile afresh in every process, and the first compile says so on stderr.
+in a folder keyed by the package's version and sources, Numba and Python, under `$NUMBA_CACHE_DIR`
+if the user set it, else under the per-user cache folder (`$XDG_CACHE_HOME`, by default
+`~/.cache`), in `qwen-ref/`. A key that changes with any kernel source also means a stale callee is
+never loaded: Numba itself checks only the file a cached function is written in. Where no such
+folder is writable (or HOME is not set), the kernels compile afresh in every process, and the first
+compile says so.
 
 Numba's cache is not safe for concurrent writers (numba issue #4807): a function's index is read,
 extended and rewritten, and its data files are numbered in that order, so two processes compiling
 different signatures at once can leave the index pointing at the other's machine code. So every
-process holds an exclusive `flock` on the cache folder whenever Numba holds its compiler lock
-(which covers a signature's cache lookup, compile and save). A process that waits then loads what
-the other compiled instead of compiling it again.
+process holds an exclusive `flock` on the cache folder whenever Numba holds its compiler lock (which
+covers a signature's cache lookup, compile and save; other libraries' compiles in the process take
+it too). A process that waits then loads what the other compiled instead of compiling it again.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import numba
 from numba.core import config, event
+from numba.core.caching import UserProvidedCacheLocator
 
 PACKAGE = Path(__file__).resolve().parent
 _DISTRIBUTION = "qwen-ref"  # the distribution that ships this package: its version names the cache
+_log = logging.getLogger(__package__)
 
 
 def _version() -> str:
@@ -53,77 +56,103 @@ def _key() -> str:
 
 
 def _candidate_dir() -> Path | None:
-    """The folder to cache in: the user's NUMBA_CACHE_DIR, else the per-user cache folder."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):  # unset or relative: the XDG default
-        home = os.path.expanduser("~")
-        if home == "~":  # no HOME and no password entry
+    """The folder to cache in, under the user's NUMBA_CACHE_DIR or else the per-user cache folder."""
+    root = os.environ.get("NUMBA_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(root):  # XDG_CACHE_HOME unset or relative: its default
+        if not os.environ.get("HOME"):
             return None
-        base = os.path.join(home, ".cache")
-    return Path(base) / "qwen-ref" / f"jitkernels-{_key()}"
+        root = os.path.join(os.environ["HOME"], ".cache")
+    return Path(root) / "qwen-ref" / f"jitkernels-{_key()}"
 
 
 def _writable(path: Path) -> bool:
+    """Whether Numba can write this package's cache files there (in the subfolder it will pick)."""
+    files = path / UserProvidedCacheLocator.get_suitable_cache_subpath(str(PACKAGE / "__init__.py"))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        files.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=files).close()
     except OSError:
         return False
     return True
 
 
-def _find_cache_dir() -> tuple[Path | None, Path | None]:
-    """(the folder to cache in or None, the folder that was tried)."""
+def _find_cache_dir() -> tuple[Path | None, str]:
+    """(the folder to cache in, or None; where the kernels go, in words)."""
     candidate = _candidate_dir()
-    return (candidate if candidate is not None and _writable(candidate) else None), candidate
+    if candidate is None:
+        return None, "every run: no cache folder, HOME is not set"
+    if not _writable(candidate):
+        return None, f"every run: no writable cache folder ({candidate})"
+    return candidate, f"first run only, cached in {candidate}"
 
 
-CACHE_DIR, _TRIED = _find_cache_dir()
+CACHE_DIR, _WHERE = _find_cache_dir()
 CACHE = CACHE_DIR is not None  # the `cache=` of every kernel's @njit
 
 
 @contextmanager
 def numba_cache_dir() -> Iterator[None]:
-    """Kernels decorated inside this block are cached in CACHE_DIR.
+    """Kernels decorated inside this block are cached in CACHE_DIR and nowhere else.
 
-    Numba picks a function's cache folder when the decorator runs, from its global config; the
-    config is restored afterwards so that other packages' functions keep Numba's own choice.
+    Numba picks a function's cache folder when the decorator runs, from its global config, trying
+    its locators in turn (the next one would be the source's own folder): only the one for a
+    user's folder is allowed here. The config is restored afterwards, so that other packages'
+    functions keep Numba's own choice.
     """
-    previous = config.CACHE_DIR
-    config.CACHE_DIR = str(CACHE_DIR) if CACHE else previous
+    previous = config.CACHE_DIR, config.CACHE_LOCATOR_CLASSES
+    if CACHE:
+        config.CACHE_DIR, config.CACHE_LOCATOR_CLASSES = str(CACHE_DIR), UserProvidedCacheLocator.__name__
     try:
         yield
     finally:
-        config.CACHE_DIR = previous
+        config.CACHE_DIR, config.CACHE_LOCATOR_CLASSES = previous
 
 
 class _FolderLock(event.Listener):
     """Holds an exclusive flock on the cache folder while this process holds Numba's compiler lock.
 
     Numba's compiler lock is re-entrant (compiling a kernel compiles its callees inside it), so the
-    folder lock is taken by the outermost acquisition only.
+    folder lock is taken by the outermost acquisition only. A lock that cannot be taken (the folder
+    deleted, a file system without flock) is said once and done without: a compile never fails for it.
     """
 
     def __init__(self, folder: Path) -> None:
         self._path = folder / "lock"
         self._fd = -1
         self._depth = 0
+        self._said = False
         self._guard = threading.Lock()  # several threads may compile; Numba serialises them after this
 
     def on_start(self, event: event.Event) -> None:
         with self._guard:
-            self._depth += 1
-            if self._depth == 1:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._depth == 0:
+                self._fd = self._lock()
+            self._depth += 1  # only once on_start cannot raise: Numba sends on_end only after it returns
 
     def on_end(self, event: event.Event) -> None:
         with self._guard:
+            if self._depth == 0:  # a compile already running when this listener was registered
+                return
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self._fd >= 0:
                 os.close(self._fd)  # releases the flock
+                self._fd = -1
+
+    def _lock(self) -> int:
+        """The locked file's descriptor, or -1 where it cannot be locked."""
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:  # KeyboardInterrupt while waiting, too: no descriptor left open
+                os.close(fd)
+                raise
+            return fd
+        except OSError as exc:
+            if not self._said:
+                self._said = True
+                _log.warning(f"jitkernels: cannot lock {self._path} ({exc.strerror}): compiling without the lock")
+            return -1
 
 
 class _CompileNotice(event.Listener):
@@ -140,11 +169,7 @@ class _CompileNotice(event.Listener):
         if self._said or not event.data["dispatcher"].py_func.__module__.startswith(__package__ + "."):
             return
         self._said = True
-        if CACHE:
-            where = f"first run only, cached in {CACHE_DIR}"
-        else:
-            where = f"every run: no writable cache folder ({_TRIED or 'HOME is not set'})"
-        logging.getLogger(__package__).warning(f"jitkernels: compiling kernels for this CPU (~20 s, {where})")
+        _log.warning(f"jitkernels: compiling kernels for this CPU (tens of seconds, {_WHERE})")
 
     def on_end(self, event: event.Event) -> None:
         pass

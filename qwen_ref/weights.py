@@ -23,6 +23,7 @@ from qwen_ref.config import QwenConfig
 from qwen_ref.errors import QwenRefError
 
 _STORED_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPE_NAMES = {dtype: name for name, dtype in _STORED_DTYPES.items()}
 _HEADER_LIMIT = 100 * 2**20  # the safetensors format caps its JSON header at 100 MB
 # Keys some exporters add that carry no weights (RoPE tables are recomputed from rope_theta).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -51,7 +52,7 @@ def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -
         raise QwenRefError(f"{path}: corrupt safetensors header (header length {header_len}, file size {size})")
     try:
         header = json.loads(data[8 : 8 + header_len].tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
         raise QwenRefError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise QwenRefError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -74,7 +75,10 @@ def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -
 
 def _short(value: object) -> str:
     """A header value for an error message, cut to stay on one line."""
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):  # an int too long to print, or nesting too deep
+        return f"a JSON {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -174,8 +178,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise QwenRefError(f"{index}: unreadable shard index ({exc})") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+            raise QwenRefError(f"{index}: unreadable shard index ({type(exc).__name__})") from None
         outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
         if outside:
             raise QwenRefError(f"{index}: shard name {outside[0]!r} is not a file name in the checkpoint folder")
@@ -216,6 +220,13 @@ def load_weights(model_dir: Path, config: QwenConfig) -> dict[str, np.ndarray]:
         if tensors[name].shape != shape:
             raise QwenRefError(
                 f"{origin[name]}: tensor {name!r} has shape {list(tensors[name].shape)}, config says {list(shape)}"
+            )
+    first = "model.embed_tokens.weight"
+    for name in expected:  # the kernels take a layer's weights and biases in one dtype
+        if tensors[name].dtype != tensors[first].dtype:
+            raise QwenRefError(
+                f"{origin[name]}: tensor {name!r} is {_DTYPE_NAMES[tensors[name].dtype]} but {first!r} is "
+                f"{_DTYPE_NAMES[tensors[first].dtype]}: every weight must be stored in one dtype"
             )
     tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for name in tensors:

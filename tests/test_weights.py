@@ -173,6 +173,13 @@ def test_missing_field_and_non_object_entry_are_named(tmp_path):
         read_safetensors(path)
 
 
+def test_integer_too_long_for_python_is_a_corrupt_header_not_a_crash(tmp_path):
+    header = b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}'
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(QwenRefError, match="corrupt safetensors header"):
+        read_safetensors(tmp_path / "model.safetensors")
+
+
 def test_deeply_nested_header_is_a_corrupt_header_not_a_crash(tmp_path):
     header = b"[" * 100_000 + b"]" * 100_000
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
@@ -193,6 +200,33 @@ def test_shard_index_naming_a_missing_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(small_config()))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(QwenRefError, match="names shard gone.safetensors"):
+        load_model(tmp_path)
+
+
+def test_weights_stored_in_mixed_dtypes_are_refused_by_name(tmp_path):
+    random_checkpoint(tmp_path, small_config(), dtype="BF16")
+    # same byte size, so every header check passes: the numba kernels would be handed f16 biases
+    _rewrite_dtype(tmp_path / "model.safetensors", "model.layers.1.self_attn.k_proj.bias", "F16")
+    with pytest.raises(QwenRefError, match="'model.layers.1.self_attn.k_proj.bias' is F16 but "
+                                           "'model.embed_tokens.weight' is BF16: every weight must be stored in one dtype"):
+        load_model(tmp_path)
+
+
+def _rewrite_dtype(path, name, dtype):
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header[name]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (n - len(text))  # same header length: the data offsets stay right
+    path.write_bytes(blob[:8] + text + blob[8 + n :])
+
+
+@pytest.mark.parametrize("index", ["[" * 100_000 + "]" * 100_000, '{"weight_map": {"a": ' + "7" * 5000 + "}}", "{"])
+def test_unreadable_shard_index_is_one_clear_error(tmp_path, index):
+    (tmp_path / "config.json").write_text(json.dumps(small_config()))
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(QwenRefError, match="unreadable shard index"):
         load_model(tmp_path)
 
 
