@@ -27,7 +27,7 @@ from qwen_ref.generation import (
 )
 from qwen_ref.model import QwenModel, load_model
 from qwen_ref.npz import save_npz
-from qwen_ref.options import add_run_options, positive_int
+from qwen_ref.options import add_run_options, layer_major, positive_int
 from qwen_ref.profile import Profile, profiled_backend
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import set_threads
@@ -122,7 +122,10 @@ def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel
 
 def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
     started = time.perf_counter()
-    model = load_model(args.model, get_backend(args.backend))
+    model = load_model(args.model, get_backend(args.backend), layer_major(args))
+    if model.pager is not None and args.layer_major == "auto" and not args.quiet:
+        print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
+              "prompts run layer-major, each layer read once per prompt", file=sys.stderr)
     if getattr(args, "profile", None) is not None:
         model.backend = profiled_backend(model.backend, model.weights, model.config.tie_word_embeddings, args.profile)
     tokenizer = Tokenizer.from_model_dir(args.model)
@@ -262,7 +265,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 def _run_selfcheck(args: argparse.Namespace) -> int:
     from qwen_ref.selfcheck import run_selfcheck
 
-    return 0 if run_selfcheck(get_backend(args.backend)) else 1
+    return 0 if run_selfcheck(get_backend(args.backend), layer_major(args)) else 1
 
 
 COMMANDS = {
@@ -278,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if "threads" in args:
             set_threads(args.threads)
-        if getattr(args, "quiet", False):
-            logging.getLogger("jitkernels").setLevel(logging.ERROR)  # its first-compile notice
+        # the kernels' first-compile notice; set either way, as main() may run again in one process
+        logging.getLogger("jitkernels").setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.NOTSET)
         return COMMANDS[args.command](args)
     except QwenRefError as exc:
         if debug:

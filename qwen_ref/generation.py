@@ -26,10 +26,13 @@ def prefill(
 ) -> np.ndarray:
     """Run tokens through the model in chunks; logits of every position [T, V], or of the last [1, V].
 
-    `on_chunk(n)` is called after each chunk of n tokens (for a progress bar).
+    `on_chunk(n)` is called as n more tokens are done (for a progress bar). A model set to run
+    layer-major (weights larger than memory) takes every chunk through one layer at a time.
     """
     if len(tokens) == 0:
         raise QwenRefError("the prompt is empty")
+    if model.pager is not None:
+        return model.forward_layer_major(tokens, cache, PREFILL_CHUNK, last_only, on_chunk)
     logits = []
     for start in range(0, len(tokens), PREFILL_CHUNK):
         chunk = tokens[start : start + PREFILL_CHUNK]

@@ -6,6 +6,7 @@ kqv_out, ffn_inp, ffn_norm, ffn_out, l_out, result_norm) so the two can be compa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.kv_cache import KVCache
 from qwen_ref.memory import keep_freed_memory
+from qwen_ref.paging import LayerPager, fits_in_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
 from qwen_ref.weights import load_weights, to_float32
 
@@ -36,6 +38,16 @@ class QwenModel:
         self.decoder_stack = None if backend.decoder_stack is None else backend.decoder_stack(
             [self._layer_weights(i) for i in range(config.num_hidden_layers)],
             config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
+        self.pager: LayerPager | None = None  # set by use_layer_major: prompts then run layer by layer
+
+    def use_layer_major(self, on: bool) -> None:
+        """Run prompts layer-major (`forward_layer_major`), reading each layer ahead as the last one ends."""
+        layers = [list(self._layer_weights(i).values()) for i in range(self.config.num_hidden_layers)]
+        self.pager = LayerPager(layers) if on else None
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the forward pass reads, as stored."""
+        return sum(w.nbytes for w in self.weights.values())
 
     def _layer_weights(self, i: int) -> dict[str, np.ndarray | None]:
         """Layer i's weights under the names `jitkernels.decode.DecoderStack` takes."""
@@ -55,29 +67,70 @@ class QwenModel:
 
         Row t of the logits is the distribution of the token that follows tokens[t].
         """
-        cfg, W, ops = self.config, self.weights, self.backend
-        tokens = np.asarray(tokens, dtype=np.int64)  # [T]
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise QwenRefError("forward needs a non-empty 1-D sequence of token ids")
-        bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
-        if len(bad):
-            raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        tokens = self._checked(tokens)  # [T]
         cache.reserve(len(tokens))
         past = cache.length
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
 
-        x = to_float32(W["model.embed_tokens.weight"][tokens])  # [T, D]
-        if len(tokens) == 1 and self.decoder_stack is not None and ops is self.stack_backend:
+        x = to_float32(self.weights["model.embed_tokens.weight"][tokens])  # inp_embd [T, D]
+        if len(tokens) == 1 and self.decoder_stack is not None and self.backend is self.stack_backend:
             x = self.decoder_stack(x, cache.keys, cache.values, past, cos, sin)  # every _decoder_layer below
         else:
-            for i in range(cfg.num_hidden_layers):
+            for i in range(self.config.num_hidden_layers):
                 x = self._decoder_layer(i, x, cos, sin, cache, past)
         cache.length += len(tokens)
+        return self._output(x[-1:] if last_only else x)  # last_only: generation needs only the next token's
 
+    def forward_layer_major(
+        self, tokens: np.ndarray, cache: KVCache, chunk: int, last_only: bool = False,
+        on_chunk: Callable[[int], object] | None = None,
+    ) -> np.ndarray:
+        """The logits of `forward` run on consecutive chunks of `tokens`, computed layer by layer.
+
+        Every chunk goes through layer i before layer i+1 is touched, so a checkpoint larger than
+        memory is read from disk once per prompt instead of once per chunk (`qwen_ref.paging`).
+        Each chunk meets the same operations on the same values as in chunk-by-chunk `forward`
+        calls, so the logits are the same bit for bit. `on_chunk(n)` reports n prompt tokens' worth
+        of work done (a chunk through one layer counts for 1/L of its tokens).
+        """
+        tokens = self._checked(tokens)  # [T]
+        n_layers = self.config.num_hidden_layers
+        cache.reserve(len(tokens))
+        past = cache.length
+        cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
+
+        x = to_float32(self.weights["model.embed_tokens.weight"][tokens])  # inp_embd [T, D]
+        done = 0  # tokens through one layer, of T * L
+        for i in range(n_layers):
+            if self.pager is not None:
+                self.pager.start(i)
+            for s in range(0, len(tokens), chunk):
+                e = min(s + chunk, len(tokens))
+                x[s:e] = self._decoder_layer(i, x[s:e], cos[s:e], sin[s:e], cache, past + s)  # l_out [e-s, D]
+                before, done = done // n_layers, done + e - s
+                if on_chunk is not None and done // n_layers > before:
+                    on_chunk(done // n_layers - before)
+        cache.length += len(tokens)
         if last_only:
-            x = x[-1:]  # [1, D]: generation needs only the next-token distribution
-        x = ops.rms_norm(x, W["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [T, D]
-        return ops.linear(x, self.lm_head, None)  # result_output [T, V]
+            return self._output(x[-1:])
+        # chunk by chunk, as forward() makes them: the LM head's sums are then in the same order
+        return np.concatenate([self._output(x[s : s + chunk]) for s in range(0, len(tokens), chunk)])
+
+    def _checked(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids as int64 [T], refused if empty or outside the vocabulary."""
+        tokens = np.asarray(tokens, dtype=np.int64)  # [T]
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise QwenRefError("forward needs a non-empty 1-D sequence of token ids")
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if len(bad):
+            raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        return tokens
+
+    def _output(self, x: np.ndarray) -> np.ndarray:
+        """Final RMSNorm and LM head: [n, D] -> logits [n, V]."""
+        cfg, ops = self.config, self.backend
+        x = ops.rms_norm(x, self.weights["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [n, D]
+        return ops.linear(x, self.lm_head, None)  # result_output [n, V]
 
     def _decoder_layer(
         self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int
@@ -113,16 +166,19 @@ class QwenModel:
         return x + ffn_out  # l_out [T, D]
 
 
-def load_model(model_dir: str | Path, backend: Backend = NUMPY) -> QwenModel:
+def load_model(model_dir: str | Path, backend: Backend = NUMPY, layer_major: bool | None = None) -> QwenModel:
     """Read config.json and memory-map the safetensors weights of a checkpoint folder.
 
-    Also tells the C allocator to keep freed memory (`qwen_ref.memory`): the forward pass makes
-    its intermediates as new arrays, and glibc would otherwise return them to the OS after each
-    layer, for the next layer to fault in again.
+    Prompts run layer-major when `layer_major` says so, or by default (None) when the weights do
+    not fit in the memory available (`qwen_ref.paging`). Also tells the C allocator to keep freed
+    memory (`qwen_ref.memory`): the forward pass makes its intermediates as new arrays, and glibc
+    would otherwise return them to the OS after each layer, for the next layer to fault in again.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise QwenRefError(f"model folder {model_dir} does not exist")
     config = load_config(model_dir)
     keep_freed_memory()
-    return QwenModel(config, load_weights(model_dir, config), backend)
+    model = QwenModel(config, load_weights(model_dir, config), backend)
+    model.use_layer_major(not fits_in_memory(model.weight_bytes()) if layer_major is None else layer_major)
+    return model

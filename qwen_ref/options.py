@@ -6,6 +6,7 @@ import argparse
 
 from qwen_ref.backends import BACKEND_NAMES
 
+LAYER_MAJOR = ("auto", "on", "off")
 DEFAULT_BACKEND = "numba"  # the readable numpy path is the specification; numba runs it fast
 
 
@@ -21,6 +22,16 @@ def positive_int(text: str) -> int:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--backend and --threads, for every command that runs the model (`cli.main` applies --threads)."""
+    """--backend, --threads and --layer-major, for every command that runs the model (`cli.main` applies --threads)."""
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, help="threads for the kernels and BLAS (default: all cores)")
+    parser.add_argument(
+        "--layer-major", choices=LAYER_MAJOR, default="auto",
+        help="run prompts one layer at a time over all chunks, reading each layer's weights once per prompt: "
+             "auto chooses it when the weights do not fit in available memory (default: %(default)s)",
+    )
+
+
+def layer_major(args: argparse.Namespace) -> bool | None:
+    """--layer-major as load_model takes it: None lets it decide."""
+    return {"auto": None, "on": True, "off": False}[args.layer_major]

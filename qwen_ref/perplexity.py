@@ -41,7 +41,7 @@ from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
 from qwen_ref.model import QwenModel, load_model
-from qwen_ref.options import add_run_options, positive_int
+from qwen_ref.options import add_run_options, layer_major, positive_int
 from qwen_ref.tokenizer import Tokenizer
 
 DEFAULT_CTX = 512  # capped at the model's max_position_embeddings
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise QwenRefError(f"{args.file} is {len(tokens)} token(s); perplexity needs 2 (the first is never predicted)")
     sliding_windows(len(tokens), ctx, stride)  # reject a bad --ctx/--stride before loading the model
-    model = load_model(args.model, get_backend(args.backend))
+    model = load_model(args.model, get_backend(args.backend), layer_major(args))
 
     def progress(i: int, n: int, running: float) -> None:
         print(f"window {i + 1}/{n}: running perplexity {running:.4f}", file=sys.stderr, flush=True)

@@ -11,19 +11,19 @@ import numpy as np
 from qwen_ref.backends import Backend
 from qwen_ref.compare import compare_logits
 from qwen_ref.config import load_generation_config
-from qwen_ref.generation import generate
+from qwen_ref.generation import generate, prefill
 from qwen_ref.model import load_model
 from qwen_ref.sampling import GREEDY, Sampler
 
 SELFCHECK_MODEL = Path(str(files("qwen_ref") / "selfcheck_model"))
 
 
-def run_selfcheck(backend: Backend) -> bool:
+def run_selfcheck(backend: Backend, layer_major: bool | None = None) -> bool:
     """Compare logits and greedy tokens with the stored reference; print the verdict on stdout."""
-    model = load_model(SELFCHECK_MODEL, backend)
+    model = load_model(SELFCHECK_MODEL, backend, layer_major)
     reference = np.load(SELFCHECK_MODEL / "reference.npz")
     prompt = reference["prompt_tokens"]
-    logits = model.forward(prompt, model.new_cache(len(prompt)))  # [T, V]
+    logits = prefill(model, prompt, model.new_cache(len(prompt)), last_only=False)  # [T, V]
     report = compare_logits(reference["logits"], logits)
 
     eos = load_generation_config(SELFCHECK_MODEL, model.config).eos_token_ids

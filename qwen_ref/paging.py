@@ -1,0 +1,81 @@
+"""Checkpoints larger than memory: which weights the kernel should read ahead, and which it may drop.
+
+Weights are views of read-only file mappings (weights.py), so the kernel pages them in on first
+touch and may evict them at will. When they do not fit in memory, a prompt runs layer-major
+(`QwenModel.forward_layer_major`): layer i's weights serve every chunk of the prompt and are then
+done with. So while layer i computes, layer i+1 is read ahead (MADV_WILLNEED, from a thread: the
+call can block while the reads are queued), and layer i's pages are marked cold (MADV_COLD), the
+first the kernel reclaims, so that they, not the next layer's, make room. Both are hints: a kernel
+without them reads the same bytes on demand.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MADV_COLD = 20  # Linux 5.4: deactivate these pages; Python's mmap module does not name it
+_MEMINFO = "/proc/meminfo"
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can hand out without swapping (MemAvailable: free plus reclaimable cache)."""
+    try:
+        with open(_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None  # not Linux
+
+
+def fits_in_memory(weight_bytes: int) -> bool:
+    """Whether the weights can stay resident, with a tenth of what is available left for the rest."""
+    available = available_memory()
+    return available is None or weight_bytes <= 0.9 * available
+
+
+def _mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """The file mapping an array is a view of, and the array's byte offset in it."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)):
+        return None
+    start = np.frombuffer(base.obj, dtype=np.uint8).ctypes.data
+    return base.obj, array.ctypes.data - start
+
+
+def advise(arrays: Iterable[np.ndarray | None], advice: int) -> None:
+    """madvise the file pages under each memory-mapped array (others are skipped)."""
+    for array in arrays:
+        found = None if array is None else _mapping(array)
+        if found is None or array.nbytes == 0:
+            continue
+        mapping, offset = found
+        begin = offset - offset % mmap.PAGESIZE  # madvise wants a page-aligned start
+        try:
+            mapping.madvise(advice, begin, offset + array.nbytes - begin)
+        except (OSError, ValueError):
+            pass  # an advice this kernel does not know: it stays a hint not given
+
+
+class LayerPager:
+    """Reads layer i+1 ahead and cools layer i-1 as a layer-major pass reaches layer i."""
+
+    def __init__(self, layers: list[list[np.ndarray | None]]) -> None:
+        self._layers = layers  # each layer's weight arrays
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-ref-readahead")
+
+    def start(self, i: int) -> None:
+        """Layer i is about to run on every chunk."""
+        if i == 0:
+            advise(self._layers[0], mmap.MADV_WILLNEED)
+        if i + 1 < len(self._layers):
+            self._reader.submit(advise, self._layers[i + 1], mmap.MADV_WILLNEED)
+        if i > 0:
+            advise(self._layers[i - 1], MADV_COLD)
