@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import FIXTURES, write_safetensors
+from helpers import FIXTURES, expected_parameters, write_safetensors
 
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.info import (
@@ -33,17 +33,6 @@ QWEN15_32B = {
 
 def qwen_ref(*args):
     return subprocess.run([sys.executable, "-m", "qwen_ref", *map(str, args)], capture_output=True, text=True)
-
-
-def expected_parameters(c: QwenConfig) -> int:
-    """Qwen2ForCausalLM written out: q/k/v projections with biases, o_proj and the SwiGLU MLP without,
-    two RMSNorms per layer, a final norm, and an LM head unless it is tied to the embedding."""
-    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    attention = (D * q + q) + 2 * (D * kv + kv) + q * D
-    mlp = 3 * D * F
-    layer = attention + mlp + 2 * D
-    return V * D + L * layer + D + (0 if c.tie_word_embeddings else V * D)
 
 
 @pytest.mark.parametrize("case", CASES)
