@@ -1,13 +1,17 @@
-"""`qwen-ref info`: what a checkpoint is and what running it costs in memory.
+"""`qwen-ref info`: what a checkpoint is, and what running it costs in memory and disk reads.
 
 The counts are pure functions of the config (`parameter_count`, `kv_cache_bytes_per_token`), so a
-folder holding only config.json is enough to size a model before downloading its weights.
+folder holding only config.json is enough to size a model before downloading its weights. Weights
+are memory-mapped: when they do not fit in memory they stay on disk, and every forward pass reads
+them again (the page cache keeps the most recent pages, which a pass over more weights than memory
+evicts before the next pass needs them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +19,16 @@ import numpy as np
 
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
+from qwen_ref.generation import PREFILL_CHUNK
 from qwen_ref.options import positive_int
+from qwen_ref.published import published_shape
 from qwen_ref.weights import expected_shapes, load_weights
 
 # How weights.py holds each stored dtype (bf16 as raw uint16 words), by safetensors name.
 _STORED_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16"}
 # config.json's torch_dtype, for sizing a folder that has no weights yet.
 _TORCH_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,23 @@ def parameter_count(config: QwenConfig) -> ParameterCount:
     )
 
 
-def kv_cache_bytes_per_token(config: QwenConfig) -> int:
-    """Keys and values of one token in every layer: 2 x L x Hkv x hd float32 (kv_cache.KVCache's layout)."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+def kv_cache_bytes_per_token(config: QwenConfig, itemsize: int = 4) -> int:
+    """Keys and values of one token in every layer: 2 x L x Hkv x hd values of `itemsize` bytes (float32: 4)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
+def read_meminfo(path: Path = MEMINFO) -> dict[str, int] | None:
+    """MemTotal and MemAvailable in bytes, from /proc/meminfo; None where it is missing (not Linux)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in ("MemTotal", "MemAvailable") and value.split():
+            fields[name] = int(value.split()[0]) * 1024  # the file counts kB (KiB)
+    return fields if len(fields) == 2 else None
 
 
 def human_bytes(n: int) -> str:
@@ -68,30 +89,58 @@ def _has_weights(model_dir: Path) -> bool:
     return (model_dir / "model.safetensors.index.json").is_file() or any(model_dir.glob("*.safetensors"))
 
 
-def model_info(model_dir: Path, context: int | None = None) -> dict:
-    """Everything `qwen-ref info` prints, as a JSON-ready dict."""
+def _tensor_bytes(model_dir: Path, config: QwenConfig) -> tuple[dict[str, tuple[str, int]], str]:
+    """{tensor name: (safetensors dtype, bytes)} of the tensors the model uses, and where the sizes come from."""
+    if _has_weights(model_dir):
+        weights = load_weights(model_dir, config)  # memory-mapped: nothing is read but headers
+        return {name: (_STORED_NAMES[w.dtype], w.nbytes) for name, w in weights.items()}, "safetensors"
+    if config.torch_dtype in _TORCH_DTYPES:
+        dtype, itemsize = _TORCH_DTYPES[config.torch_dtype]
+        sizes = {name: (dtype, math.prod(shape) * itemsize) for name, shape in expected_shapes(config).items()}
+        return sizes, f"estimated: no weights in the folder, config.json says {config.torch_dtype}"
+    return {}, "unknown: no weights in the folder and no torch_dtype in config.json"
+
+
+def _published(config: QwenConfig, params: ParameterCount) -> dict | None:
+    """The published Qwen1.5 size this config has the shape of, and this config counted as the Hub counts it."""
+    shape = published_shape(config)
+    if shape is None:
+        return None
+    return {
+        "name": shape.name,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "billions": shape.billions,  # as published
+        "parameters_as_published": shape.counted_as_published(params.total, params.embedding),
+        "stores_tied_lm_head": shape.stores_tied_lm_head,
+    }
+
+
+def model_info(model_dir: Path, context: int | None = None, meminfo: Path = MEMINFO) -> dict:
+    """Everything `qwen-ref info` prints, as a JSON-ready dict; `meminfo` is this machine's /proc/meminfo."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise QwenRefError(f"model folder {model_dir} does not exist")
     config = load_config(model_dir)
     context = context or config.max_position_embeddings
     params = parameter_count(config)
-
-    if _has_weights(model_dir):
-        stored: dict[str, int] = {}
-        for w in load_weights(model_dir, config).values():  # memory-mapped: nothing is read but headers
-            name = _STORED_NAMES[w.dtype]
-            stored[name] = stored.get(name, 0) + w.nbytes
-        weights_source = "safetensors"
-    elif config.torch_dtype in _TORCH_DTYPES:
-        name, itemsize = _TORCH_DTYPES[config.torch_dtype]
-        stored = {name: params.total * itemsize}
-        weights_source = f"estimated: no weights in the folder, config.json says {config.torch_dtype}"
-    else:
-        stored = {}
-        weights_source = "unknown: no weights in the folder and no torch_dtype in config.json"
+    tensors, weights_source = _tensor_bytes(model_dir, config)
+    stored: dict[str, int] = {}
+    for dtype, nbytes in tensors.values():
+        stored[dtype] = stored.get(dtype, 0) + nbytes
+    weights_bytes = sum(stored.values()) if stored else None
+    # A forward pass reads every weight whole, but of an untied embedding table only its tokens' rows.
+    per_pass = sum(n for name, (_, n) in tensors.items()
+                   if name != "model.embed_tokens.weight" or config.tie_word_embeddings)
 
     per_token = kv_cache_bytes_per_token(config)
+    kv_bytes = per_token * context
+    machine = read_meminfo(meminfo)
+    memory = None
+    if machine is not None:
+        memory = {"source": str(meminfo), **machine, "kv_cache_fits_MemAvailable": kv_bytes <= machine["MemAvailable"]}
+        if weights_bytes is not None:
+            memory |= {"weights_fit_MemAvailable": weights_bytes <= machine["MemAvailable"],
+                       "weights_fit_MemTotal": weights_bytes <= machine["MemTotal"]}
     return {
         "model": str(model_dir),
         "architecture": {
@@ -113,16 +162,70 @@ def model_info(model_dir: Path, context: int | None = None) -> dict:
             "lm_head": params.lm_head,
             "non_embedding": params.non_embedding,
         },
+        "published": _published(config, params),
         "stored_bytes": stored,  # by safetensors dtype, over the tensors the model uses
-        "weights_bytes": sum(stored.values()) if stored else None,  # resident: memory-mapped, as stored
+        "weights_bytes": weights_bytes,  # resident: memory-mapped, as stored
         "weights_source": weights_source,
         "kv_cache": {
             "dtype": "float32",
             "bytes_per_token": per_token,
+            "bytes_per_token_16bit": kv_cache_bytes_per_token(config, itemsize=2),
             "context": context,
-            "bytes": per_token * context,
+            "bytes": kv_bytes,
+        },
+        "memory": memory,  # None where /proc/meminfo cannot be read
+        # What each forward pass reads from disk while the weights are not in memory: prefill runs one
+        # pass per chunk of up to PREFILL_CHUNK prompt tokens, decode one per generated token.
+        "disk_reads": None if not tensors else {
+            "per_prefill_chunk": per_pass, "prefill_chunk_tokens": PREFILL_CHUNK, "per_generated_token": per_pass,
         },
     }
+
+
+def _size_line(info: dict) -> str:
+    """The parameter count in billions, against the published size it has the shape of."""
+    published = info["published"]
+    if published is None:
+        return f"{info['parameters']['total'] / 1e9:.2f}B; no published Qwen1.5 shape"
+    digits = len(published["billions"].partition(".")[2])
+    here = f"{published['parameters_as_published'] / 1e9:.{digits}f}B"
+    layers = info["architecture"]["num_hidden_layers"]
+    name = published["name"]
+    if layers < published["num_hidden_layers"]:
+        name = f"{layers} of the {published['num_hidden_layers']} layers of {name}"
+    tied = ", counting the tied LM head twice as its files store it" if published["stores_tied_lm_head"] else ""
+    return f"{here}; {name} (published: {published['billions']}B{tied})"
+
+
+def _fit(available: bool, total: bool) -> str:
+    if available:
+        return "fit in MemAvailable"
+    return "fit in MemTotal but not in MemAvailable" if total else "fit in neither MemAvailable nor MemTotal"
+
+
+def _memory_lines(info: dict) -> list[str]:
+    """This machine's memory, what fits in it, and the disk reads of the weights that do not."""
+    memory, kv, weights = info["memory"], info["kv_cache"], info["weights_bytes"]
+    lines = []
+    if memory is not None:
+        available, total = memory["MemAvailable"], memory["MemTotal"]
+        lines.append(f"memory          MemAvailable {human_bytes(available)}, MemTotal {human_bytes(total)} "
+                     f"({memory['source']})")
+        fits = []
+        if weights is not None:
+            fit = _fit(memory["weights_fit_MemAvailable"], memory["weights_fit_MemTotal"])
+            fits.append(f"weights ({human_bytes(weights)}) {fit}")
+        kv_fit = "fits" if memory["kv_cache_fits_MemAvailable"] else "does not fit"
+        fits.append(f"KV cache for {kv['context']:,} tokens ({human_bytes(kv['bytes'])}) {kv_fit} in MemAvailable")
+        lines.append(f"fits in memory  {'; '.join(fits)}")
+    reads = info["disk_reads"]
+    if reads is not None and (memory is None or not memory["weights_fit_MemAvailable"]):
+        embedding = ("the tied embedding is the LM head" if info["architecture"]["tie_word_embeddings"]
+                     else "of the embedding table, only the tokens' rows")
+        lines.append(f"disk reads      while the weights are not in memory: {human_bytes(reads['per_prefill_chunk'])} "
+                     f"per prefill chunk (up to {reads['prefill_chunk_tokens']} prompt tokens) and "
+                     f"{human_bytes(reads['per_generated_token'])} per generated token (every weight; {embedding})")
+    return lines
 
 
 def format_info(info: dict) -> str:
@@ -142,6 +245,7 @@ def format_info(info: dict) -> str:
         f"LM head         {head}",
         f"parameters      {p['total']:,} total = {p['embedding']:,} embedding + {p['lm_head']:,} LM head "
         f"+ {p['non_embedding']:,} non-embedding",
+        f"size            {_size_line(info)}",
     ]
     if info["stored_bytes"]:
         stored = ", ".join(f"{name} {n:,} bytes ({human_bytes(n)})" for name, n in sorted(info["stored_bytes"].items()))
@@ -152,10 +256,11 @@ def format_info(info: dict) -> str:
     if not info["weights_source"] == "safetensors":
         lines.append(f"weights         {info['weights_source']}")
     lines.append(
-        f"KV cache        {human_bytes(kv['bytes_per_token'])} per token ({kv['dtype']}); "
+        f"KV cache        {human_bytes(kv['bytes_per_token'])} per token ({kv['dtype']}; "
+        f"{human_bytes(kv['bytes_per_token_16bit'])} in 16 bits); "
         f"{human_bytes(kv['bytes'])} for {kv['context']:,} tokens"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _memory_lines(info))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,9 +270,11 @@ def format_info(info: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qwen-ref info`."""
     parser.description = (
-        "Architecture, parameter count, bytes on disk by dtype, and the memory a run needs: the weights "
-        "(memory-mapped, as stored) and a float32 KV cache of --context tokens. A folder with only "
-        "config.json is enough (weight bytes are then estimated from its torch_dtype)."
+        "Architecture, parameter count against the published Qwen1.5 size of that shape, bytes on disk by "
+        "dtype, the memory a run needs (the weights, memory-mapped as stored, and a float32 KV cache of "
+        "--context tokens), whether they fit in this machine's memory (/proc/meminfo), and what each "
+        "forward pass reads from disk when the weights do not. A folder with only config.json is enough "
+        "(weight bytes are then estimated from its torch_dtype)."
     )
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     parser.add_argument("--context", type=positive_int,

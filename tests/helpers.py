@@ -55,6 +55,17 @@ def random_checkpoint(model_dir: Path, config: dict, dtype: str = "F32", seed: i
     write_safetensors(model_dir / "model.safetensors", tensors)
 
 
+def expected_parameters(c: QwenConfig) -> int:
+    """Qwen2ForCausalLM written out: q/k/v projections with biases, o_proj and the SwiGLU MLP without,
+    two RMSNorms per layer, a final norm, and an LM head unless it is tied to the embedding."""
+    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = (D * q + q) + 2 * (D * kv + kv) + q * D
+    mlp = 3 * D * F
+    layer = attention + mlp + 2 * D
+    return V * D + L * layer + D + (0 if c.tie_word_embeddings else V * D)
+
+
 def small_config(**overrides) -> dict:
     """A config.json dict for a tiny GQA model."""
     config = {

@@ -54,7 +54,7 @@ def ensure_checkpoint(root: Path, shape: str, dtype: str) -> Path:
     out = root / checkpoint_name(shape, dtype)
     config = out / "config.json"
     if config.is_file() and any(out.glob("*.safetensors")):
-        if json.loads(config.read_text()).get("dtype") == DTYPES[dtype]:
+        if json.loads(config.read_text()).get("torch_dtype") == DTYPES[dtype]:
             drop_from_page_cache(out)
             return out
         shutil.rmtree(out)
