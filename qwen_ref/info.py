@@ -19,8 +19,8 @@ import numpy as np
 
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import PREFILL_CHUNK
 from qwen_ref.options import positive_int
+from qwen_ref.paging import fits
 from qwen_ref.published import published_shape
 from qwen_ref.weights import expected_shapes, load_weights
 
@@ -139,8 +139,9 @@ def model_info(model_dir: Path, context: int | None = None, meminfo: Path = MEMI
     if machine is not None:
         memory = {"source": str(meminfo), **machine, "kv_cache_fits_MemAvailable": kv_bytes <= machine["MemAvailable"]}
         if weights_bytes is not None:
-            memory |= {"weights_fit_MemAvailable": weights_bytes <= machine["MemAvailable"],
-                       "weights_fit_MemTotal": weights_bytes <= machine["MemTotal"]}
+            # the rule load_model applies: weights that do not fit make prompts run layer-major
+            memory |= {"weights_fit_MemAvailable": fits(weights_bytes, machine["MemAvailable"]),
+                       "weights_fit_MemTotal": fits(weights_bytes, machine["MemTotal"])}
     return {
         "model": str(model_dir),
         "architecture": {
@@ -174,11 +175,9 @@ def model_info(model_dir: Path, context: int | None = None, meminfo: Path = MEMI
             "bytes": kv_bytes,
         },
         "memory": memory,  # None where /proc/meminfo cannot be read
-        # What each forward pass reads from disk while the weights are not in memory: prefill runs one
-        # pass per chunk of up to PREFILL_CHUNK prompt tokens, decode one per generated token.
-        "disk_reads": None if not tensors else {
-            "per_prefill_chunk": per_pass, "prefill_chunk_tokens": PREFILL_CHUNK, "per_generated_token": per_pass,
-        },
+        # What a run reads from disk while the weights are not in memory: a prompt runs layer-major,
+        # each layer read once for all its chunks; decode reads every layer per generated token.
+        "disk_reads": None if not tensors else {"per_prompt": per_pass, "per_generated_token": per_pass},
     }
 
 
@@ -222,8 +221,8 @@ def _memory_lines(info: dict) -> list[str]:
     if reads is not None and (memory is None or not memory["weights_fit_MemAvailable"]):
         embedding = ("the tied embedding is the LM head" if info["architecture"]["tie_word_embeddings"]
                      else "of the embedding table, only the tokens' rows")
-        lines.append(f"disk reads      while the weights are not in memory: {human_bytes(reads['per_prefill_chunk'])} "
-                     f"per prefill chunk (up to {reads['prefill_chunk_tokens']} prompt tokens) and "
+        lines.append(f"disk reads      the weights do not fit: prompts run layer-major, reading "
+                     f"{human_bytes(reads['per_prompt'])} per prompt (each layer once for all its chunks), and "
                      f"{human_bytes(reads['per_generated_token'])} per generated token (every weight; {embedding})")
     return lines
 

@@ -33,10 +33,15 @@ def available_memory() -> int | None:
     return None  # not Linux
 
 
+def fits(weight_bytes: int, available: int) -> bool:
+    """Whether weights can stay resident in `available` bytes, with a tenth of it left for the rest."""
+    return weight_bytes <= 0.9 * available
+
+
 def fits_in_memory(weight_bytes: int) -> bool:
-    """Whether the weights can stay resident, with a tenth of what is available left for the rest."""
+    """`fits` in this machine's MemAvailable now (True where that cannot be read)."""
     available = available_memory()
-    return available is None or weight_bytes <= 0.9 * available
+    return available is None or fits(weight_bytes, available)
 
 
 def _mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
