@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qwen_ref.backends import BACKEND_NAMES
+from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 DEFAULT_BACKEND = "numba"  # the readable numpy path is the specification; numba runs it fast
 
@@ -24,3 +25,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--backend and --threads, for every command that runs the model (`cli.main` applies --threads)."""
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, help="threads for the kernels and BLAS (default: all cores)")
+
+
+def add_kv_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """--kv-dtype, for the commands that run a checkpoint through a KV cache (`load_model(..., kv_dtype)`)."""
+    parser.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), default=DEFAULT_KV_DTYPE,
+                        help="what the KV cache stores: bfloat16 or float16 halve its memory and what each decode "
+                             "step reads of it, rounding every key and value (README: the logit error) "
+                             "(default: %(default)s, as transformers computes)")
