@@ -69,7 +69,8 @@ def _f32_to_f16(value):
 
 
 def narrow(value: np.float32, dtype: np.dtype) -> np.generic:
-    """A float32 value as an element of an array of `dtype` (float32, uint16 or int16, see above)."""
+    """A float32 value as an element of an array of `dtype` (float32, uint16 or int16, see above); NumPy twin:
+    `qwen_ref.kv_cache.round_to_kv_dtype`."""
     if dtype == np.uint16:
         return _f32_to_bf16(value)
     if dtype == np.int16:
