@@ -1,11 +1,11 @@
 """Numba kernels for a transformer forward pass on the CPU: plain functions on NumPy arrays.
 
 Each public kernel has a NumPy twin in `qwen_ref` that is its specification (named in its
-docstring); tests/test_kernels.py checks that the two agree. Weights may be float32, float16, or
-bfloat16 held as raw uint16 words; activations are float32. The operations of a model backend
-(linear, linears, rms_norm, apply_rope, attention, swiglu) return new arrays and never write into
-their inputs; widen_rows fills the array it is given. `DecoderStack` runs a decode step's decoder
-layers with those kernels in one call, writing the step's keys and values into the cache.
+docstring); tests/test_kernels.py checks that the two agree. Weights and KV caches may be float32,
+float16, or bfloat16 held as raw uint16 words; activations are float32. The operations of a model
+backend (linear, linears, rms_norm, apply_rope, attention, swiglu) return new arrays and never write
+into their inputs; widen_rows fills the array it is given. `DecoderStack` runs a decode step's
+decoder layers with those kernels in one call, writing the step's keys and values into the cache.
 
 Every kernel is compiled with `cache=CACHE` (see `cache.py`): the first process compiles (tens of
 seconds, announced on stderr), later ones load machine code from a per-user cache folder keyed by

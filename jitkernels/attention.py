@@ -23,6 +23,10 @@ G = 5 at 4K 1.13x. Fewer rows (decode without GQA) stay on `_item_by_rows`, whic
 keys and values of a block once per row, with as few instructions per byte as it can: the scores
 four keys per pass over the query, the weighted values summed in registers 64 columns at a time.
 Its loops over hd unroll for Qwen's head sizes (64, 128).
+
+A 16-bit cache (bfloat16 or float16 words) is read the same way, each key and value widened in
+registers where it is loaded (`jitkernels.widen`): never copied into float32, so a decode step reads
+half the bytes. On a float32 cache `widen` is the identity and costs nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jitkernels.cache import CACHE
 from jitkernels.exp import exp32
 from jitkernels.microkernel import block_4x16
 from jitkernels.registers import register_block
+from jitkernels.widen import kernel_words, widen
 
 _FASTMATH = {"reassoc", "contract"}  # SIMD dot products and FMA; no nnan/ninf: the running max starts at -inf
 # query rows per work item: each block of K and V is read once for all of them. Also the width of
@@ -55,18 +60,20 @@ _ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many it
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np.ndarray:
     """softmax(q k^T / sqrt(hd) + causal mask) v per head; NumPy twin: `qwen_ref.attention.attention`.
 
-    q: [T, H, hd] float32, the T newest tokens; keys, values: [Hkv, capacity, hd] float32, a layer of
-    the KV cache whose first S positions are all S tokens, the newest T last (query t sits at
-    position S - T + t). Query head h reads kv head h // (H // Hkv). The cache is only read.
-    Returns a new [T, H * hd] float32 array.
+    q: [T, H, hd] float32, the T newest tokens; keys, values: [Hkv, capacity, hd], a layer of the
+    KV cache whose first S positions are all S tokens, the newest T last (query t sits at position
+    S - T + t), float32 or 16-bit (bfloat16 words as uint16, or float16), widened as they are read.
+    Query head h reads kv head h // (H // Hkv). The cache is only read. Returns a new [T, H * hd]
+    float32 array.
     """
     q = np.ascontiguousarray(q, dtype=np.float32)  # [T, H, hd]
     T, H, hd = q.shape
     Hkv, capacity, _ = keys.shape
     if keys.shape != values.shape or keys.shape[2] != hd or H % Hkv or not T <= S <= capacity:
         raise ValueError(f"attention: q {q.shape}, keys {keys.shape}, values {values.shape}, S {S} do not fit")
-    if keys.dtype != np.float32 or values.dtype != np.float32:
-        raise ValueError(f"attention: keys and values must be float32, not {keys.dtype} and {values.dtype}")
+    if keys.dtype != values.dtype:
+        raise ValueError(f"attention: keys {keys.dtype} and values {values.dtype} differ")
+    keys, values = kernel_words(keys, "attention: the cache"), kernel_words(values, "attention: the cache")
     # A cache layer is contiguous; for any other view, copy the S positions rather than compile
     # another layout (Numba vectorises unit-stride rows only).
     keys = keys if keys.flags.c_contiguous else np.ascontiguousarray(keys[:, :S])  # [Hkv, >= S, hd]
@@ -106,16 +113,16 @@ def _score(query, keys, b0, nb, weights, hd):
         k0, k1, k2, k3 = keys[b0 + b], keys[b0 + b + 1], keys[b0 + b + 2], keys[b0 + b + 3]  # [hd] each
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for d in range(hd):
-            s0 += query[d] * k0[d]
-            s1 += query[d] * k1[d]
-            s2 += query[d] * k2[d]
-            s3 += query[d] * k3[d]
+            s0 += query[d] * widen(k0[d])
+            s1 += query[d] * widen(k1[d])
+            s2 += query[d] * widen(k2[d])
+            s3 += query[d] * widen(k3[d])
         weights[b], weights[b + 1], weights[b + 2], weights[b + 3] = s0, s1, s2, s3
         top = max(top, max(s0, s1), max(s2, s3))
     for b in range(nb - nb % 4, nb):
         key, s0 = keys[b0 + b], np.float32(0.0)
         for d in range(hd):
-            s0 += query[d] * key[d]
+            s0 += query[d] * widen(key[d])
         weights[b] = s0
         top = max(top, s0)
     return top
@@ -140,7 +147,7 @@ def _add_weighted(out, weights, values, b0, nb, hd):
             for b in range(nb):
                 p, v = weights[b], values[b0 + b, d0 : d0 + 64]  # v [64]
                 for d in range(64):
-                    c[d] += p * v[d]
+                    c[d] += p * widen(v[d])
             for d in range(64):
                 out[d0 + d] += c[d]
         return
@@ -148,11 +155,11 @@ def _add_weighted(out, weights, values, b0, nb, hd):
         p0, p1, p2, p3 = weights[b], weights[b + 1], weights[b + 2], weights[b + 3]
         v0, v1, v2, v3 = values[b0 + b], values[b0 + b + 1], values[b0 + b + 2], values[b0 + b + 3]  # [hd] each
         for d in range(hd):
-            out[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+            out[d] += p0 * widen(v0[d]) + p1 * widen(v1[d]) + p2 * widen(v2[d]) + p3 * widen(v3[d])
     for b in range(nb - nb % 4, nb):
         p, v = weights[b], values[b0 + b]
         for d in range(hd):
-            out[d] += p * v[d]
+            out[d] += p * widen(v[d])
 
 
 @njit(fastmath=_FASTMATH, cache=CACHE)

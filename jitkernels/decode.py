@@ -24,9 +24,10 @@ from numba import njit
 from jitkernels.attention import _attend, _merge, key_splits
 from jitkernels.cache import CACHE
 from jitkernels.matmul import _gemv, _gemv_swiglu, _kernel_bias, gemv_weight
+from jitkernels.narrow import narrow
 from jitkernels.norm import _rms_norm_rows
 from jitkernels.rope import _apply_rope_rows
-from jitkernels.widen import as_kernel_dtype
+from jitkernels.widen import as_kernel_dtype, kernel_words
 
 
 class DecoderStack:
@@ -60,8 +61,9 @@ class DecoderStack:
                  sin: np.ndarray) -> np.ndarray:
         """x [1, D] float32 after the embedding -> x after the last layer, a new [1, D] array.
 
-        keys, values: [L, Hkv, capacity, hd] float32, the cache, whose first `past` positions are filled;
-        this token's are written at position `past`. cos, sin: [1, hd/2] float32 of that position.
+        keys, values: [L, Hkv, capacity, hd], the cache, whose first `past` positions are filled; this
+        token's are written at position `past`, rounded to the cache's dtype (float32, bfloat16 words as
+        uint16, or float16; see `jitkernels.narrow`). cos, sin: [1, hd/2] float32 of that position.
         """
         L, D, half = len(self.q), self.attn_norm[0].shape[0], keys.shape[-1] // 2
         if (x.shape != (1, D) or keys.shape != values.shape or keys.shape[:2] != (L, self.n_kv_heads)
@@ -69,9 +71,10 @@ class DecoderStack:
             raise ValueError(f"decoder stack: x {x.shape}, cache {keys.shape} {values.shape}, past {past}, "
                              f"cos {cos.shape}, sin {sin.shape} do not fit {L} layers of width {D}")
         # the types the operations would pass (their wrappers copy anything else into these)
-        if (keys.dtype != np.float32 or values.dtype != np.float32
-                or not (keys.flags.c_contiguous and values.flags.c_contiguous)):
-            raise ValueError(f"decoder stack: the cache must be C-contiguous float32, not {keys.dtype}, {values.dtype}")
+        if keys.dtype != values.dtype or not (keys.flags.c_contiguous and values.flags.c_contiguous):
+            raise ValueError(f"decoder stack: the cache must be C-contiguous keys and values of one dtype, not "
+                             f"{keys.dtype}, {values.dtype}")
+        keys, values = kernel_words(keys, "decoder stack: the cache"), kernel_words(values, "decoder stack: the cache")
         cos, sin = np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32)
         n_threads = numba.get_num_threads()
         n_splits = key_splits(1, self.n_heads, self.n_kv_heads, past + 1, n_threads)
@@ -98,8 +101,9 @@ def _layers(x, attn_norm, wq, wk, wv, bq, bk, bv, wo, no_bias, ffn_norm, w_gate,
         _apply_rope_rows(k.reshape(1, Hkv, hd), cos, sin, k_rot, 0, 1)
         v_heads = v.reshape(1, Hkv, hd)
         for j in range(Hkv):
-            keys[i, j, past] = k_rot[0, j]
-            values[i, j, past] = v_heads[0, j]
+            for d in range(hd):
+                keys[i, j, past, d] = narrow(k_rot[0, j, d], keys.dtype)
+                values[i, j, past, d] = narrow(v_heads[0, j, d], values.dtype)
         m = np.empty((n_splits, 1, H), dtype=np.float32)  # [splits, 1, H] running max of scores
         l = np.empty((n_splits, 1, H), dtype=np.float32)  # [splits, 1, H] running sum of e^(s - m)
         acc = np.empty((n_splits, 1, H, hd), dtype=np.float32)  # [splits, 1, H, hd] running sum of e^(s - m) v

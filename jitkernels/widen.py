@@ -1,12 +1,12 @@
-"""Widening stored weights to float32, one element at a time, exactly.
+"""Widening stored weights and KV caches to float32, one element at a time, exactly.
 
-Kernels take weights in their stored 16-bit form and widen them in registers, so a checkpoint is
-never copied into float32. Numba has no float16 (or bfloat16) type on the CPU, so the dtype of a
-weight array says how to read its words:
+Kernels take weights and caches in their stored 16-bit form and widen them in registers, so a
+checkpoint or a cache is never copied into float32. Numba has no float16 (or bfloat16) type on the
+CPU, so the dtype of an array says how to read its words:
 
     float32  the value itself
     uint16   a bfloat16 word: the high half of a float32, so widening is a 16-bit shift
-    int16    a float16 word (a float16 array viewed as int16 by the caller, see `as_kernel_dtype`):
+    int16    a float16 word (a float16 array viewed as int16 by the caller, see `kernel_words`):
              LLVM's `fpext half to float` on a CPU with F16C (vcvtph2ps, 8 words at a time: float16
              decode of the 0.5B shape 2.6x faster), else the bit manipulation of `_f16_to_f32`
 
@@ -27,6 +27,17 @@ from numba.extending import intrinsic, overload
 from jitkernels.cache import CACHE
 
 
+def kernel_words(a: np.ndarray, what: str) -> np.ndarray:
+    """`a` with the dtype that tells the kernels how to widen it: float16 viewed as int16 words, float32
+    and uint16 (bfloat16 words) as they are; `what` names the array in the error for any other dtype."""
+    kind = a.dtype.char  # f: float32, H: uint16 (bfloat16 words), e: float16
+    if kind == "e":
+        return a.view(np.int16)
+    if kind != "f" and kind != "H":
+        raise TypeError(f"{what} must be float32, float16 or bfloat16 words (uint16), not {a.dtype}")
+    return a
+
+
 def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
     """A C-contiguous, read-only view of a stored weight that the kernels accept: float16 becomes int16 words.
 
@@ -34,11 +45,7 @@ def as_kernel_dtype(w: np.ndarray) -> np.ndarray:
     separately, and one signature per dtype is enough. A memory-mapped weight comes back as it is:
     this runs for every weight of every token, so it tests the cheap attributes first.
     """
-    kind = w.dtype.char  # f: float32, H: uint16 (bfloat16 words), e: float16
-    if kind == "e":
-        w = w.view(np.int16)
-    elif kind != "f" and kind != "H":
-        raise TypeError(f"weights must be float32, float16 or bfloat16 words (uint16), not {w.dtype}")
+    w = kernel_words(w, "weights")
     flags = w.flags
     if flags.writeable or not flags.c_contiguous:
         w = np.ascontiguousarray(w).view()

@@ -2,19 +2,22 @@
 
 import numpy as np
 
+from qwen_ref.weights import to_float32
+
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np.ndarray:
     """softmax(q k^T / sqrt(hd) + causal mask) v, heads grouped over shared keys (eager_attention_forward).
 
     q: [T, H, hd], the queries of the T newest tokens; keys, values: [Hkv, capacity, hd], a layer of
     the KV cache whose first S positions hold the keys and values of all S tokens so far, the newest
-    T last. Query head h reads kv head h // G, as `repeat_kv` arranges, without K and V being
-    repeated in memory. Returns [T, H * hd], ready for o_proj.
+    T last, in the cache dtype (float32, bfloat16 words or float16), widened exactly here. Query
+    head h reads kv head h // G, as `repeat_kv` arranges, without K and V being repeated in memory.
+    Returns [T, H * hd], ready for o_proj.
     """
     T, H, hd = q.shape
     if not T <= S <= keys.shape[1]:
         raise ValueError(f"attention: {T} queries over S = {S} positions of a cache of {keys.shape[1]}")
-    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd] each
+    k, v = to_float32(keys[:, :S]), to_float32(values[:, :S])  # [Hkv, S, hd] each
     Hkv = k.shape[0]
     G = H // Hkv
     past = S - T  # query t sits at position past + t

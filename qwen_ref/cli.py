@@ -27,7 +27,12 @@ from qwen_ref.generation import (
 )
 from qwen_ref.model import QwenModel, load_model
 from qwen_ref.npz import save_npz
-from qwen_ref.options import add_run_options, layer_major, positive_int
+from qwen_ref.options import (
+    add_kv_dtype_option,
+    add_run_options,
+    layer_major,
+    positive_int,
+)
 from qwen_ref.profile import Profile, profiled_backend
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import set_threads
@@ -51,6 +56,7 @@ def _token_list(text: str) -> list[int]:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     add_run_options(parser)
+    add_kv_dtype_option(parser)
     parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
 
 
@@ -122,7 +128,7 @@ def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel
 
 def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
     started = time.perf_counter()
-    model = load_model(args.model, get_backend(args.backend), layer_major(args))
+    model = load_model(args.model, get_backend(args.backend), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
     if model.pager is not None and args.layer_major == "auto" and not args.quiet:
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
               "prompts run layer-major, each layer read once per prompt", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`qwen-ref info`: what a checkpoint is, and what running it costs in memory and disk reads.
 
-The counts are pure functions of the config (`parameter_count`, `kv_cache_bytes_per_token`), so a
+The counts are pure functions of the config (`parameter_count`, `kv_cache.kv_bytes_per_token`), so a
 folder holding only config.json is enough to size a model before downloading its weights. Weights
 are memory-mapped: when they do not fit in memory they stay on disk, and every forward pass reads
 them again (the page cache keeps the most recent pages, which a pass over more weights than memory
@@ -19,6 +19,7 @@ import numpy as np
 
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
+from qwen_ref.kv_cache import kv_bytes_per_token
 from qwen_ref.options import positive_int
 from qwen_ref.paging import fits
 from qwen_ref.published import published_shape
@@ -54,11 +55,6 @@ def parameter_count(config: QwenConfig) -> ParameterCount:
         embedding=sizes["model.embed_tokens.weight"],
         lm_head=sizes.get("lm_head.weight", 0),
     )
-
-
-def kv_cache_bytes_per_token(config: QwenConfig, itemsize: int = 4) -> int:
-    """Keys and values of one token in every layer: 2 x L x Hkv x hd values of `itemsize` bytes (float32: 4)."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
 
 def read_meminfo(path: Path = MEMINFO) -> dict[str, int] | None:
@@ -132,7 +128,7 @@ def model_info(model_dir: Path, context: int | None = None, meminfo: Path = MEMI
     per_pass = sum(n for name, (_, n) in tensors.items()
                    if name != "model.embed_tokens.weight" or config.tie_word_embeddings)
 
-    per_token = kv_cache_bytes_per_token(config)
+    per_token = kv_bytes_per_token(config, "float32")
     kv_bytes = per_token * context
     machine = read_meminfo(meminfo)
     memory = None
@@ -170,7 +166,7 @@ def model_info(model_dir: Path, context: int | None = None, meminfo: Path = MEMI
         "kv_cache": {
             "dtype": "float32",
             "bytes_per_token": per_token,
-            "bytes_per_token_16bit": kv_cache_bytes_per_token(config, itemsize=2),
+            "bytes_per_token_16bit": kv_bytes_per_token(config, "bfloat16"),
             "context": context,
             "bytes": kv_bytes,
         },
@@ -256,7 +252,7 @@ def format_info(info: dict) -> str:
         lines.append(f"weights         {info['weights_source']}")
     lines.append(
         f"KV cache        {human_bytes(kv['bytes_per_token'])} per token ({kv['dtype']}; "
-        f"{human_bytes(kv['bytes_per_token_16bit'])} in 16 bits); "
+        f"{human_bytes(kv['bytes_per_token_16bit'])} with --kv-dtype bfloat16 or float16); "
         f"{human_bytes(kv['bytes'])} for {kv['context']:,} tokens"
     )
     return "\n".join(lines + _memory_lines(info))

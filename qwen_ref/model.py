@@ -14,7 +14,7 @@ import numpy as np
 from qwen_ref.backends import NUMPY, Backend
 from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.kv_cache import KVCache
+from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from qwen_ref.memory import keep_freed_memory
 from qwen_ref.paging import LayerPager, fits_in_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
@@ -24,10 +24,13 @@ from qwen_ref.weights import load_weights, to_float32
 class QwenModel:
     """Qwen2ForCausalLM: embeddings, L decoder layers, final RMSNorm, LM head."""
 
-    def __init__(self, config: QwenConfig, weights: dict[str, np.ndarray], backend: Backend = NUMPY):
+    def __init__(self, config: QwenConfig, weights: dict[str, np.ndarray], backend: Backend = NUMPY,
+                 kv_dtype: str = DEFAULT_KV_DTYPE):
+        check_kv_dtype(kv_dtype)
         self.config = config
         self.weights = weights
         self.backend = backend
+        self.kv_dtype = kv_dtype  # of the caches new_cache makes (qwen_ref.kv_cache.KV_DTYPES)
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)  # [hd/2]
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = weights[head]  # [V, D]
@@ -59,8 +62,9 @@ class QwenModel:
                 "gate": W[m + "gate_proj.weight"], "up": W[m + "up_proj.weight"], "down": W[m + "down_proj.weight"]}
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """An empty KV cache for `capacity` tokens (default: the model's whole context)."""
-        return KVCache(self.config, self.config.max_position_embeddings if capacity is None else capacity)
+        """An empty KV cache of the model's kv_dtype for `capacity` tokens (default: the model's whole context)."""
+        capacity = self.config.max_position_embeddings if capacity is None else capacity
+        return KVCache(self.config, capacity, self.kv_dtype)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run `tokens` after the ones already in `cache`; return logits [T, V] ([1, V] if last_only).
@@ -154,8 +158,7 @@ class QwenModel:
         k = ops.apply_rope(k.reshape(T, Hkv, hd), cos, sin)  # [T, Hkv, hd]
 
         end = past + T
-        cache.keys[i, :, past:end] = k.transpose(1, 0, 2)  # [Hkv, T, hd]
-        cache.values[i, :, past:end] = v.reshape(T, Hkv, hd).transpose(1, 0, 2)  # [Hkv, T, hd]
+        cache.write(i, past, k.transpose(1, 0, 2), v.reshape(T, Hkv, hd).transpose(1, 0, 2))  # [Hkv, T, hd] each
         attn = ops.attention(q, cache.keys[i], cache.values[i], end)  # kqv_out [T, H*hd]
         x = x + ops.linear(attn, W[a + "o_proj.weight"], None)  # ffn_inp [T, D]
 
@@ -166,8 +169,10 @@ class QwenModel:
         return x + ffn_out  # l_out [T, D]
 
 
-def load_model(model_dir: str | Path, backend: Backend = NUMPY, layer_major: bool | None = None) -> QwenModel:
-    """Read config.json and memory-map the safetensors weights of a checkpoint folder.
+def load_model(
+    model_dir: str | Path, backend: Backend = NUMPY, kv_dtype: str = DEFAULT_KV_DTYPE, layer_major: bool | None = None
+) -> QwenModel:
+    """Read config.json and memory-map the safetensors weights of a checkpoint folder; its caches hold kv_dtype.
 
     Prompts run layer-major when `layer_major` says so, or by default (None) when the weights do
     not fit in the memory available (`qwen_ref.paging`). Also tells the C allocator to keep freed
@@ -179,6 +184,6 @@ def load_model(model_dir: str | Path, backend: Backend = NUMPY, layer_major: boo
         raise QwenRefError(f"model folder {model_dir} does not exist")
     config = load_config(model_dir)
     keep_freed_memory()
-    model = QwenModel(config, load_weights(model_dir, config), backend)
+    model = QwenModel(config, load_weights(model_dir, config), backend, kv_dtype)
     model.use_layer_major(not fits_in_memory(model.weight_bytes()) if layer_major is None else layer_major)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qwen_ref.backends import BACKEND_NAMES
+from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 LAYER_MAJOR = ("auto", "on", "off")
 DEFAULT_BACKEND = "numba"  # the readable numpy path is the specification; numba runs it fast
@@ -35,3 +36,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def layer_major(args: argparse.Namespace) -> bool | None:
     """--layer-major as load_model takes it: None lets it decide."""
     return {"auto": None, "on": True, "off": False}[args.layer_major]
+
+
+def add_kv_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """--kv-dtype, for the commands that run a checkpoint through a KV cache (`load_model(..., kv_dtype)`)."""
+    parser.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), default=DEFAULT_KV_DTYPE,
+                        help="what the KV cache stores: bfloat16 or float16 halve its memory and what each decode "
+                             "step reads of it, rounding every key and value (README: the logit error) "
+                             "(default: %(default)s, as transformers computes)")

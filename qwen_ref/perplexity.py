@@ -41,7 +41,12 @@ from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
 from qwen_ref.model import QwenModel, load_model
-from qwen_ref.options import add_run_options, layer_major, positive_int
+from qwen_ref.options import (
+    add_kv_dtype_option,
+    add_run_options,
+    layer_major,
+    positive_int,
+)
 from qwen_ref.tokenizer import Tokenizer
 
 DEFAULT_CTX = 512  # capped at the model's max_position_embeddings
@@ -163,6 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per window (default: {DEFAULT_CTX}, or the model's context if smaller)")
     parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: ctx // 2)")
     add_run_options(parser)
+    add_kv_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -192,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise QwenRefError(f"{args.file} is {len(tokens)} token(s); perplexity needs 2 (the first is never predicted)")
     sliding_windows(len(tokens), ctx, stride)  # reject a bad --ctx/--stride before loading the model
-    model = load_model(args.model, get_backend(args.backend), layer_major(args))
+    model = load_model(args.model, get_backend(args.backend), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
 
     def progress(i: int, n: int, running: float) -> None:
         print(f"window {i + 1}/{n}: running perplexity {running:.4f}", file=sys.stderr, flush=True)
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     result = perplexity(model, tokens, ctx, stride, on_window=progress)
     if args.json:
         print(json.dumps({
-            "file": str(args.file), "model": str(args.model), "backend": args.backend,
+            "file": str(args.file), "model": str(args.model), "backend": args.backend, "kv_dtype": args.kv_dtype,
             "perplexity": result.perplexity, "mean_nll": result.mean_nll, "nll_sum": result.nll_sum,
             "scored_tokens": result.scored_tokens, "tokens": result.tokens, "windows": result.windows,
             "ctx": result.ctx, "stride": result.stride,

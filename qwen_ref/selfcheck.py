@@ -20,7 +20,7 @@ SELFCHECK_MODEL = Path(str(files("qwen_ref") / "selfcheck_model"))
 
 def run_selfcheck(backend: Backend, layer_major: bool | None = None) -> bool:
     """Compare logits and greedy tokens with the stored reference; print the verdict on stdout."""
-    model = load_model(SELFCHECK_MODEL, backend, layer_major)
+    model = load_model(SELFCHECK_MODEL, backend, layer_major=layer_major)
     reference = np.load(SELFCHECK_MODEL / "reference.npz")
     prompt = reference["prompt_tokens"]
     logits = prefill(model, prompt, model.new_cache(len(prompt)), last_only=False)  # [T, V]

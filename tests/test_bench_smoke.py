@@ -89,10 +89,21 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     for target in results["targets"][:5]:
         assert "median of 1 paired round)" in target["target"] and target["main_list"] > 0, target
 
+    # the KV cache dtypes at the longest context, alternating in one process: one measurement per dtype, with
+    # each round's ratio to the float32 cache's round; a 16-bit cache reads half the cache's bytes
+    kv = {d: measurements[f"{model}/decode-ctx-32-kv-{d}/1t"] for d in ("float32", "bfloat16", "float16")}
+    for d, m in kv.items():
+        assert m["kv_dtype"] == d and len(m["values"]) == len(kv["float32"]["values"]) == results["plan"]["repeats"]
+        rounds = [v / f for v, f in zip(m["values"], kv["float32"]["values"])]
+        assert m["vs_float32_rounds"] == rounds and m["vs_float32"] == np.median(rounds), d
+        halved = 1 if d == "float32" else 2
+        assert m["bytes_per_token"]["kv_cache"] * halved == kv["float32"]["bytes_per_token"]["kv_cache"], d
+    assert results["machine"]["lscpu"] is None or results["machine"]["lscpu"]["Flags"]
+
     markdown = (out / "BENCHMARKS.md").read_text()
     assert "| anon-bf16 |" in markdown and "| of bf16 bound |" in markdown and "| of that ceiling |" in markdown
     for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length",
-                    "## Paired rounds"):
+                    "## KV cache dtype at context 32", "## Paired rounds"):
         assert heading in markdown
 
 

@@ -11,6 +11,8 @@ import pytest
 from helpers import FIXTURES, random_checkpoint, small_config
 
 from qwen_ref.compare import compare_logits
+from qwen_ref.generation import logits_for_tokens
+from qwen_ref.model import load_model
 
 PROMPT_TEXT = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
 
@@ -64,6 +66,27 @@ def test_text_prompt_is_tokenized_with_the_real_qwen_tokenizer(text_model):
     assert plain.stdout == out["text"] + "\n"
 
 
+@pytest.mark.parametrize("command", ["logits", "generate", "chat", "perplexity"])
+def test_every_command_that_runs_a_checkpoint_offers_kv_dtype_with_its_default(command):
+    result = qwen_ref(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--kv-dtype {float32,bfloat16,float16}" in result.stdout
+    assert "(default: float32" in " ".join(result.stdout.split())  # argparse wraps the help text
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_logits_with_a_16_bit_kv_cache_are_those_of_load_model_with_that_cache(tmp_path, kv_dtype):
+    case = FIXTURES / "gqa40x8_bf16_tied"
+    tokens = np.load(case / "reference.npz")["prompt_tokens"]
+    out = tmp_path / "logits.npz"
+    result = qwen_ref("logits", "--model", case, "--tokens", ",".join(map(str, tokens)), "--out", out,
+                      "--backend", "numpy", "--kv-dtype", kv_dtype)
+    assert result.returncode == 0, result.stderr
+    saved = np.load(out)["logits"]
+    np.testing.assert_array_equal(saved, logits_for_tokens(load_model(case, kv_dtype=kv_dtype), tokens))
+    assert not np.array_equal(saved, logits_for_tokens(load_model(case), tokens))  # the option reached the cache
+
+
 def test_selfcheck_passes_on_the_packaged_checkpoint():
     result = qwen_ref("selfcheck")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -108,6 +131,7 @@ def _small(tmp_path):
         (_small, ["generate", "--tokens", "1,x"], "comma-separated integers"),
         (_small, ["generate", "--tokens", "1", "--max-new-tokens", "0"], "positive integer"),
         (_small, ["generate", "--tokens", "1", "--backend", "cuda"], "invalid choice"),
+        (_small, ["generate", "--tokens", "1", "--kv-dtype", "f16"], "argument --kv-dtype: invalid choice: 'f16'"),
         (_small, ["generate", "--prompt", "hi"], "no tokenizer.json"),
         (_small, ["logits", "--tokens", "1", "--out", "/nonexistent/dir/x.npz"], "cannot write"),
     ],

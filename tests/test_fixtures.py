@@ -11,6 +11,7 @@ from qwen_ref.backends import BACKEND_NAMES, get_backend
 from qwen_ref.compare import compare_logits
 from qwen_ref.config import load_generation_config
 from qwen_ref.generation import generate
+from qwen_ref.kv_cache import KV_DTYPES
 from qwen_ref.model import load_model
 from qwen_ref.sampling import Sampler, SamplingParams
 
@@ -22,8 +23,8 @@ def test_every_fixture_case_is_present():
     assert len(CASES) >= 10, CASES
 
 
-def _load(case, backend_name):
-    model = load_model(FIXTURES / case, get_backend(backend_name))
+def _load(case, backend_name, kv_dtype="float32"):
+    model = load_model(FIXTURES / case, get_backend(backend_name), kv_dtype)
     return model, np.load(FIXTURES / case / "reference.npz")
 
 
@@ -66,3 +67,44 @@ def test_kv_cache_decode_equals_full_recompute_on_long_sequence(backend_name):
     steps += [model.forward(prompt[t : t + 1], cache) for t in range(237, len(prompt))]
     report = compare_logits(full, np.concatenate(steps))
     assert report.ok, report.summary()
+
+
+# A 16-bit cache stores every key and value off by at most u of itself (2^-8 bfloat16, 2^-11 float16).
+# Attention passes that on: its output mixes values off by u, with weights from scores off by u times their
+# size (in these random models nearly one key takes all the weight, so about u). Each layer adds such an
+# error to the residual stream, and o_proj, the MLP, the final norm and the LM head carry it to the logits:
+# they move by a small multiple of u relative to max(1, max |logit|), 1.4 to 5.9 u on these fixtures
+# (tools/kv_dtype_error.py, benchmarks/kv_dtype_error.md), the most on the 320-token prompt, the largest of
+# the most rounding errors. 16 u leaves a factor of 2.7; a cache read at a wrong position, head or dtype is
+# off by the size of the logits themselves.
+KV_UNIT = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+KV_TOLERANCE_UNITS = 16
+
+
+@pytest.mark.parametrize("kv_dtype", sorted(KV_UNIT))
+@pytest.mark.parametrize("backend_name", BACKEND_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_16_bit_kv_cache_logits_stay_within_a_few_rounding_units_of_the_float32_cache(case, backend_name, kv_dtype):
+    model, ref = _load(case, backend_name)
+    prompt = ref["prompt_tokens"]
+    exact = model.forward(prompt, model.new_cache(len(prompt)))  # [T, V], what transformers computes
+    model.kv_dtype = kv_dtype
+    cache = model.new_cache(len(prompt))
+    rounded = model.forward(prompt, cache)
+    assert cache.keys.dtype == cache.values.dtype == KV_DTYPES[kv_dtype]
+    error = np.abs(rounded - exact).max()
+    assert 0 < error <= KV_TOLERANCE_UNITS * KV_UNIT[kv_dtype] * max(1.0, np.abs(exact).max())
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_float16_kv_cache_keeps_transformers_greedy_tokens(case, backend_name):
+    # Every fixture's top-1 logit beats the next by at least 1% of max |logit| wherever greedy decoding
+    # takes an argmax (tests/fixtures/README.md); a float16 cache moves the prompts' logits by at most 0.23%
+    # of it (4.6 u, see above), less than half that margin, so no greedy choice should change. (bfloat16's
+    # 2.3% could, and does not on these fixtures: benchmarks/kv_dtype_error.md.)
+    model, ref = _load(case, backend_name, "float16")
+    gen = load_generation_config(FIXTURES / case, model.config)
+    tokens = generate(model, ref["prompt_tokens"].tolist(), int(ref["max_new_tokens"]), gen.eos_token_ids,
+                      Sampler(SamplingParams.from_generation_config(gen)))
+    assert list(tokens) == ref["greedy_tokens"].tolist()

@@ -15,11 +15,11 @@ from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.info import (
     format_info,
     human_bytes,
-    kv_cache_bytes_per_token,
     model_info,
     parameter_count,
     read_meminfo,
 )
+from qwen_ref.kv_cache import kv_bytes_per_token
 from qwen_ref.published import PUBLISHED
 from qwen_ref.weights import read_safetensors, to_float32
 
@@ -74,7 +74,7 @@ def test_qwen15_32b_has_32_5_billion_parameters():
 
 def test_qwen15_32b_kv_cache_is_512_kib_per_token():
     config = QwenConfig.from_dict(QWEN15_32B)
-    assert kv_cache_bytes_per_token(config) == 2 * 64 * 8 * 128 * 4 == 512 * 1024  # K and V, L, Hkv, hd, float32
+    assert kv_bytes_per_token(config) == 2 * 64 * 8 * 128 * 4 == 512 * 1024  # K and V, L, Hkv, hd, float32
 
 
 def test_config_only_folder_estimates_weights_from_torch_dtype(tmp_path):

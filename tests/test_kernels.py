@@ -24,7 +24,9 @@ from numba import njit
 import jitkernels
 import jitkernels.widen as widen_module
 from jitkernels.exp import exp32
+from jitkernels.narrow import narrow
 from qwen_ref.attention import attention as attention_twin
+from qwen_ref.kv_cache import KV_DTYPES, round_to_kv_dtype
 from qwen_ref.linear import linear as linear_twin
 from qwen_ref.linear import linears as linears_twin
 from qwen_ref.mlp import silu_mul as silu_mul_twin
@@ -97,6 +99,46 @@ def test_float16_widening_without_f16c_matches_numpy_bit_for_bit():
 def test_f16c_detection_agrees_with_the_cpu():
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     assert widen_module._HAS_F16C == ("f16c" in flags.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Narrowing: what the decode step writes into a 16-bit KV cache
+
+
+@njit
+def _narrow_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = narrow(x[i], out.dtype)
+
+
+def rounding_cases() -> np.ndarray:
+    """float32 values that decide round-to-nearest-even into float16 or bfloat16: each 16-bit value, each
+    halfway point between neighbours (float16's from 0 up to 65520, halfway to 2^16) and the float32 values
+    on either side of it, both signs; and a million random bit patterns (nan, inf, subnormals included)."""
+    f16 = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)  # [31744] every finite value >= 0
+    f16_next = np.append(f16[1:], 2.0**16)
+    f16_half = ((f16 + f16_next) / 2).astype(np.float32)  # exact: 12 significant bits at most
+    bf16_half = ((np.arange(2**16, dtype=np.uint32) << 16) | 0x8000).view(np.float32)  # [65536]
+    halves = np.concatenate([f16_half, bf16_half[~np.isnan(bf16_half)]])
+    near = np.concatenate([f16.astype(np.float32), halves, np.nextafter(halves, np.float32(np.inf)),
+                           np.nextafter(halves, np.float32(0))])
+    noise = np.random.default_rng(0).integers(0, 2**32, 2**20, dtype=np.uint32).view(np.float32)
+    return np.concatenate([near, -near, noise])
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_narrowing_matches_the_cache_rounding_of_the_numpy_twin_bit_for_bit(kv_dtype):
+    x = rounding_cases()
+    want = round_to_kv_dtype(x, kv_dtype)  # qwen_ref.kv_cache: the specification
+    got = np.empty(x.shape, dtype=np.int16 if kv_dtype == "float16" else np.uint16)  # as the kernels hold the words
+    _narrow_all(x, got)
+    got = got.view(want.dtype)
+    nan = np.isnan(x)
+    if kv_dtype == "float16":
+        # NumPy's float16 nan (payload and quiet bit) differs between its own builds and CPUs: a nan of the same sign
+        assert np.all(np.isnan(got[nan])) and np.array_equal(np.signbit(got[nan]), np.signbit(x[nan]))
+        got, want = got[~nan], want[~nan]
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +388,13 @@ def test_swiglu_gate_matches_numpy_silu_over_its_range(T, F, scale, seed):
 # attention, on keys and values sliced out of a preallocated cache exactly as model.py slices them
 
 
-def attention_case(rng, T, past, Hkv, G, hd, spare, score_scale):
-    """q [T, H, hd], layer 1 of a [2, Hkv, capacity, hd] keys and values cache, and S = past + T."""
+def attention_case(rng, T, past, Hkv, G, hd, spare, score_scale, kv_dtype="float32"):
+    """q [T, H, hd], layer 1 of a [2, Hkv, capacity, hd] keys and values cache of kv_dtype, and S = past + T."""
     S = past + T
     capacity = S + spare
-    keys = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
-    values = rng.standard_normal((2, Hkv, capacity, hd), dtype=np.float32)  # [L, Hkv, capacity, hd]
+    shape = (2, Hkv, capacity, hd)  # [L, Hkv, capacity, hd]
+    keys = round_to_kv_dtype(rng.standard_normal(shape, dtype=np.float32), kv_dtype)
+    values = round_to_kv_dtype(rng.standard_normal(shape, dtype=np.float32), kv_dtype)
     q = (score_scale * rng.standard_normal((T, Hkv * G, hd))).astype(np.float32)  # [T, H, hd]
     return q, keys[1], values[1], S
 
@@ -362,9 +405,10 @@ def attention_bound(q, keys, values, S):
     A score is a dot product of hd terms, off by at most (hd + 1) U s |q|.|k| on each side. An error
     e in the scores moves every softmax weight by at most 2e relative, so the output by 2e max|v|,
     from each side. Subtracting the maximum, exp, the normalisation and the weighted sum over S
-    values (recursive, with online rescaling every key block) add at most (3 S + 16) U max|v|.
+    values (recursive, with online rescaling every key block) add at most (3 S + 16) U max|v|. Both
+    sides widen a 16-bit cache exactly, so the bound is that of its float32 values.
     """
-    k, v = keys[:, :S], values[:, :S]  # [Hkv, S, hd]
+    k, v = to_float32(keys[:, :S]), to_float32(values[:, :S])  # [Hkv, S, hd]
     T, H, hd = q.shape
     Hkv = k.shape[0]
     G = H // Hkv
@@ -378,19 +422,20 @@ def attention_bound(q, keys, values, S):
     return per_head.T.repeat(hd, axis=1)  # [T, H*hd]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(
     T=st.sampled_from([1, 1, 2, 3, 8, 17, 40]),
     past=st.one_of(st.integers(0, 10), st.integers(0, 300)),
     Hkv=st.integers(1, 3),
-    G=st.sampled_from([1, 2, 4, 5, 8]),
+    G=st.sampled_from([1, 2, 4, 5, 8]),  # G = 1: multi-head; Hkv = 1 and G > 1: multi-query
     hd=st.sampled_from([1, 2, 8, 16, 64, 66, 128]),  # 64 and 128 take the literal head-size path
     spare=st.integers(0, 9),
     score_scale=st.sampled_from([0.1, 1.0, 4.0]),
+    kv_dtype=st.sampled_from(list(KV_DTYPES)),
     seed=seeds,
 )
-def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, seed):
-    q, keys, values, S = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale)
+def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, kv_dtype, seed):
+    q, keys, values, S = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale, kv_dtype)
     got = jitkernels.attention(q, keys, values, S)
     want = attention_twin(q, keys, values, S)
     assert got.shape == (T, Hkv * G * hd)
@@ -404,39 +449,45 @@ def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare
     [(1, 1500, 1, 8, 64), (1, 3000, 2, 1, 64), (2, 1200, 1, 4, 64), (3, 700, 1, 2, 64), (3, 700, 1, 1, 64),
      (2, 1200, 1, 4, 66), (1, 3000, 2, 1, 128), (2, 1200, 1, 4, 128), (1, 1300, 1, 1, 192)],
 )
-def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G, hd):
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
+def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hkv, G, hd, kv_dtype):
     # few (row, kv head) items and long caches: the keys are split into ranges merged at the end,
     # with any number of threads (2 to 4 ranges here even on one thread)
-    q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, hd, 5, 2.0)
+    q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, hd, 5, 2.0, kv_dtype)
     got = jitkernels.attention(q, keys, values, S)
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
 
 
 @pytest.mark.parametrize("hd", [64, 8])
-def test_attention_merges_key_ranges_that_some_query_rows_never_reach(hd):
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
+def test_attention_merges_key_ranges_that_some_query_rows_never_reach(hd, kv_dtype):
     # More key ranges than a 2-core machine asks for (many threads would): with 4 ranges of 9 keys
     # over S = 36, the early query rows see nothing in the later ranges (their m stays -inf, l and
     # acc 0) and whole items lie past their rows; the merge must weigh those ranges by 0.
     import importlib
 
     impl = importlib.import_module("jitkernels.attention")  # the module, shadowed by the function in kernels
-    q, keys, values, S = attention_case(np.random.default_rng(11), 16, 20, 1, 1, hd, 2, 1.0)
+    q, keys, values, S = attention_case(np.random.default_rng(11), 16, 20, 1, 1, hd, 2, 1.0, kv_dtype)
     T, H, _ = q.shape
     n_splits = 4
     m = np.empty((n_splits, T, H), dtype=np.float32)
     l = np.empty((n_splits, T, H), dtype=np.float32)
     acc = np.empty((n_splits, T, H, hd), dtype=np.float32)
-    impl._attend(q, keys, values, S, m, l, acc, 2)
+    k, v = widen_module.kernel_words(keys, "keys"), widen_module.kernel_words(values, "values")  # float16 as int16
+    impl._attend(q, k, v, S, m, l, acc, 2)
     got = np.empty((T, H * hd), dtype=np.float32)
     impl._merge(m, l, acc, got)
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
 
 
-def test_attention_accepts_caches_that_are_not_contiguous():
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
+def test_attention_accepts_caches_that_are_not_contiguous(kv_dtype):
     rng = np.random.default_rng(4)
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
-    k = rng.standard_normal((2, 8, 14), dtype=np.float32).transpose(0, 2, 1)  # [Hkv, capacity, hd], hd strided
-    v = rng.standard_normal((14, 2, 8), dtype=np.float32).transpose(1, 0, 2)[::-1]  # heads reversed
+    k = round_to_kv_dtype(rng.standard_normal((2, 8, 14), dtype=np.float32), kv_dtype)
+    v = round_to_kv_dtype(rng.standard_normal((14, 2, 8), dtype=np.float32), kv_dtype)
+    k = k.transpose(0, 2, 1)  # [Hkv, capacity, hd], hd strided
+    v = v.transpose(1, 0, 2)[::-1]  # [Hkv, capacity, hd], heads reversed
     got = jitkernels.attention(q, k, v, 11)
     assert np.all(np.abs(got - attention_twin(q, k, v, 11)) <= attention_bound(q, k, v, 11))
 
@@ -448,9 +499,11 @@ def test_attention_accepts_caches_that_are_not_contiguous():
 @pytest.mark.parametrize(("T", "past", "G", "hd"),
                          [(4, 20, 2, 8), (8, 20, 2, 64), (100, 198, 2, 64), (1, 1500, 8, 64), (1, 1500, 1, 64),
                           (1, 1500, 1, 128)])
-def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, past, G, hd):
-    q, keys, values, S = attention_case(np.random.default_rng(3), T, past, 2, G, hd, 3, 1.0)
-    keys[:, S:], values[:, S:] = np.nan, np.nan  # unused capacity: must never be read into the result
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
+def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_cache(T, past, G, hd, kv_dtype):
+    q, keys, values, S = attention_case(np.random.default_rng(3), T, past, 2, G, hd, 3, 1.0, kv_dtype)
+    nan = round_to_kv_dtype(np.float32(np.nan), kv_dtype)
+    keys[:, S:], values[:, S:] = nan, nan  # unused capacity: must never be read into the result
     k_before, v_before = keys.copy(), values.copy()
     got = jitkernels.attention(q, keys, values, S)
     assert np.all(np.isfinite(got))
@@ -525,6 +578,11 @@ _SMOKE = textwrap.dedent(
     q16 = rng.standard_normal((5, 4, 16), dtype=np.float32)  # 10 query rows per kv head of hd 16: the tiled item
     cache16 = rng.standard_normal((2, 2, 9, 16), dtype=np.float32)
     worst = max(worst, np.abs(jitkernels.attention(q16, cache16[0], cache16[1], 5) - NUMPY.attention(q16, cache16[0], cache16[1], 5)).max())
+    from qwen_ref.kv_cache import round_to_kv_dtype
+    for kv_dtype in ("bfloat16", "float16"):  # 16-bit caches: the tiled item, then a row at a time
+        for rows, c in ((q16, round_to_kv_dtype(cache16, kv_dtype)), (q[:1], round_to_kv_dtype(cache, kv_dtype))):
+            got, want = jitkernels.attention(rows, c[0], c[1], 5), NUMPY.attention(rows, c[0], c[1], 5)
+            worst = max(worst, np.abs(got - want).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
     worst = max(worst, np.abs(jitkernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
     # jitkernels.decode.DecoderStack: a one-token step of a 2-layer model, against the same step op by op
@@ -538,14 +596,17 @@ _SMOKE = textwrap.dedent(
                                 "max_position_embeddings": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
                                 "tie_word_embeddings": True})
     weights = {n: ro(rng.standard_normal(s, dtype=np.float32)) for n, s in expected_shapes(cfg).items()}
+    from qwen_ref.weights import to_float32
     numba_backend = get_backend("numba")
-    steps = []
-    for backend in (numba_backend, dataclasses.replace(numba_backend, decoder_stack=None)):
-        model = QwenModel(cfg, weights, backend)
-        cache = model.new_cache(4)
-        model.forward(np.array([1, 2]), cache)
-        steps.append(model.forward(np.array([3]), cache))
-    worst = max(worst, np.abs(steps[0] - steps[1]).max())  # the same kernels in the same order: 0
+    for kv_dtype in ("float32", "bfloat16", "float16"):
+        steps = []
+        for backend in (numba_backend, dataclasses.replace(numba_backend, decoder_stack=None)):
+            model = QwenModel(cfg, weights, backend, kv_dtype)
+            cache = model.new_cache(4)
+            model.forward(np.array([1, 2]), cache)
+            steps.append((model.forward(np.array([3]), cache), to_float32(cache.keys), to_float32(cache.values)))
+        for a, b in zip(*steps):  # the same kernels in the same order, the same rounding into the cache: 0
+            worst = max(worst, np.abs(a - b).max())
     print("worst", worst)
     """
 )

@@ -180,6 +180,20 @@ def test_cli_prints_perplexity_and_json(text_model, tmp_path):
     assert float(plain.stdout.split()[1]) == pytest.approx(out["perplexity"], rel=1e-6)  # printed to 4 decimals
 
 
+def test_cli_perplexity_with_a_16_bit_kv_cache_is_that_of_the_model_with_that_cache(text_model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    result = qwen_ref("perplexity", "--model", text_model, text, "--ctx", 64, "--json", "--backend", "numpy",
+                      "--kv-dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    tokens = Tokenizer.from_model_dir(text_model).encode(TEXT)
+    assert out["kv_dtype"] == "bfloat16"
+    assert out["perplexity"] == pytest.approx(perplexity(load_model(text_model, kv_dtype="bfloat16"), tokens, 64, 32)
+                                              .perplexity, rel=1e-9)
+    assert out["perplexity"] != pytest.approx(perplexity(load_model(text_model), tokens, 64, 32).perplexity, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "content, extra, message",
     [
@@ -190,6 +204,7 @@ def test_cli_prints_perplexity_and_json(text_model, tmp_path):
         (TEXT, ["--ctx", "8", "--stride", "9"], "--stride 9 must be between 1 and --ctx 8"),
         (TEXT, ["--ctx", "1"], "at least 2 tokens"),
         (TEXT, ["--ctx", "0"], "positive integer"),
+        (TEXT, ["--kv-dtype", "half"], "invalid choice: 'half'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(text_model, tmp_path, content, extra, message):

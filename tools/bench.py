@@ -135,7 +135,25 @@ def machine_info() -> dict:
     return {"cpu_model": field_of("model name"), "cpu_flags": flags, "simd_flags": simd,
             "cores_available": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
             "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-            "kernel": platform.release(), "thp": thp.read_text().strip() if thp.is_file() else "?"}
+            "kernel": platform.release(), "thp": thp.read_text().strip() if thp.is_file() else "?",
+            "lscpu": lscpu()}
+
+
+def lscpu() -> dict | None:
+    """Every field lscpu prints (model name, flags, cache sizes, hypervisor ...), or None without lscpu."""
+    try:
+        out = subprocess.run(["lscpu", "-J"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    fields = {}
+
+    def walk(entries: list[dict]) -> None:  # newer versions nest some fields under "children"
+        for e in entries:
+            fields[e["field"].rstrip(":")] = e.get("data")
+            walk(e.get("children", []))
+
+    walk(json.loads(out)["lscpu"])
+    return fields
 
 
 def versions() -> dict:

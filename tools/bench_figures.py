@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from bench_plan import Plan
 
-ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "bfloat16": 2, "float32": 4}
+ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 MB = 1e6
 
 
@@ -79,7 +79,8 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
         if f is None:
             continue
         if work.startswith("decode"):
-            cache_itemsize = 4 if impl == "qwen-ref" else ITEMSIZE[compute]
+            # qwen-ref's cache: its --kv-dtype (float32 unless the workload names one); transformers': the model dtype
+            cache_itemsize = ITEMSIZE[m.get("kv_dtype", "float32")] if impl == "qwen-ref" else ITEMSIZE[compute]
             m["bytes_per_token"] = decode_bytes(f, ITEMSIZE[compute], cache_itemsize, mean_keys(m))
         else:
             m["flops_per_token"] = prefill_flops_per_token(f, m["spec"]["prompt"])
@@ -93,7 +94,8 @@ def derive(measurements: dict[str, dict], facts: dict[str, dict]) -> None:
             if impl == "qwen-ref":
                 spec = m["spec"]  # the cache generate() allocates, or the one filled for a context run
                 capacity = (spec["prompt"] if spec["context"] is None else spec["context"]) + spec["new_tokens"]
-                kv = f["kv_values_per_token"] * 4 * capacity
+                dtypes = spec.get("kv_dtypes", ["float32"])  # every cache the process holds, one per dtype
+                kv = f["kv_values_per_token"] * capacity * sum(ITEMSIZE[d] for d in dtypes)
                 m["rss_budget_bytes"] = f["checkpoint_bytes"] + kv + 300 * MB
                 m["kv_cache_bytes"] = kv
         else:

@@ -31,9 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_workers import bf16_read_kernel, stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
+
 import jitkernels  # noqa: E402
 from qwen_ref.backends import NUMPY  # noqa: E402
-from bench_workers import bf16_read_kernel, stream_kernel  # noqa: E402  (tools/ is sys.path[0] when run as a script)
 
 SECTIONS = ("gemv", "gemm", "attention", "small", "jit")
 

@@ -27,6 +27,9 @@ class Plan:
     numpy_new_tokens: int = 16  # decode on the numpy backend
     prefill_prompts: tuple[int, ...] = (128, 512)
     contexts: tuple[int, ...] = (128, 1024, 4096, 16384)  # decode with a KV cache this full
+    # the headline's decode at the longest context with a cache of each dtype, alternating in one process;
+    # the first is the one the others are compared with
+    kv_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     context_new_tokens: int = 32
     hf_context_new_tokens: int = 8  # transformers copies its whole cache every step: 0.5 tokens/s at 16K
     profile_steps: int = 16  # decode steps timed op by op, per repeat
@@ -106,9 +109,14 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
 
 
 def _headline_extras(model: str, ckpt: str, threads: int, plan: Plan) -> list[Workload]:
-    """The context sweep, the numpy backend, 1-thread scaling and the op-by-op profile of one checkpoint."""
+    """The context sweep, the KV cache dtypes at the longest context, the numpy backend, 1-thread scaling and the
+    op-by-op profile of one checkpoint."""
     work = [_decode(f"qwen-ref/numba/{model}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ckpt, threads, plan,
                     backend="numba", new_tokens=plan.context_new_tokens, context=ctx) for ctx in plan.contexts]
+    ctx = plan.contexts[-1]  # one workload, one measurement per dtype: .../decode-ctx-{ctx}-kv-{dtype}/{threads}t
+    work.append(_decode(f"qwen-ref/numba/{model}/decode-ctx-{ctx}-kv/{threads}t", "qwen_decode", ckpt, threads, plan,
+                        backend="numba", new_tokens=plan.context_new_tokens, context=ctx,
+                        kv_dtypes=list(plan.kv_dtypes), model=model))
     work.append(_decode(f"qwen-ref/numpy/{model}/decode/{threads}t", "qwen_decode", ckpt, threads, plan,
                         backend="numpy", new_tokens=plan.numpy_new_tokens))
     if threads > 1:

@@ -51,6 +51,32 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _kv_dtypes_section(M: dict, plan: Plan, t: str) -> list[str]:
+    """The headline's decode at the longest context with each --kv-dtype, alternating in one process."""
+    ctx, first = plan.contexts[-1], plan.kv_dtypes[0]
+    found = [(d, M.get(f"qwen-ref/numba/{plan.headline}/decode-ctx-{ctx}-kv-{d}/{t}")) for d in plan.kv_dtypes]
+    found = [(d, m) for d, m in found if m]
+    if not found:
+        return []
+    lines = [f"## KV cache dtype at context {ctx} ({plan.headline})", "",
+             f"`--kv-dtype`: one process decodes with a cache of each dtype ({', '.join(plan.kv_dtypes)}), filled "
+             f"with the same random values, one repeat of each per round, the order rotating from round to round; "
+             f"{plan.context_new_tokens} new tokens per repeat. vs {first}: the median over the rounds of each round's "
+             f"ratio to the {first} cache's tokens/s (min–max over the rounds). The ceiling is the run's streaming "
+             "read over the bytes a step reads, that cache's included. The machine is described at the top "
+             "(results.json: `machine.lscpu`).", ""]
+    rows = []
+    for d, m in found:
+        b, ratios = m.get("bytes_per_token", {}), m.get(f"vs_{first}_rounds", [])
+        vs = f"{_x(m.get(f'vs_{first}'))} ({_x(min(ratios))}–{_x(max(ratios))})" if ratios and d != first else "—"
+        rows.append([d, _range(m) + _busy(m), _gb(b.get("kv_cache")), _gb(b.get("total")), _f(m.get("ceiling")),
+                     _pct(m.get("fraction_of_ceiling")), vs, str(m.get("repeats", "—"))])
+    peak = found[0][1].get("peak_rss_bytes")
+    return lines + _table(["kv dtype", "tokens/s", "KV cache/token", "bytes/token", "ceiling tok/s", "of ceiling",
+                           f"vs {first}", "rounds"], rows) + ["", f"Peak RSS of the process (all caches): {_gb(peak)}.",
+                                                              ""]
+
+
 def markdown(results: dict, plan: Plan) -> str:
     M, threads = results["measurements"], results["threads"]
     t = f"{threads}t"
@@ -137,7 +163,8 @@ def markdown(results: dict, plan: Plan) -> str:
               "the start and the end of the run; 1 thread: the start): every layer matrix, bias and norm, the final "
               "norm, the LM head (for a tied model the embedding matrix, read as the head), one embedding row, and "
               "the KV cache at the step's context (keys and values, float32 in qwen-ref: 2 x L x Hkv x hd x 4 bytes "
-              "per position; transformers keeps its cache in the model dtype). Prefill ceiling = GEMM GFLOP/s at the "
+              "per position, 2 bytes with a 16-bit `--kv-dtype`; transformers keeps its cache in the model dtype). "
+              "Prefill ceiling = GEMM GFLOP/s at the "
               "prompt's T (as for bandwidth, the higher median of start and end with the run's threads) / FLOPs per token: 2 x layer-matrix params + 2 x V x D / T (the LM head, last position "
               "only) + 4 x L x H x hd x (T + 1) / 2 (causal attention). The fraction-of-ceiling targets use the same "
               "arithmetic with the ceilings measured beside each workload in the paired rounds (see there).", ""]
@@ -204,6 +231,7 @@ def markdown(results: dict, plan: Plan) -> str:
                      _gb(m.get("peak_rss_bytes")), _gb(m.get("rss_budget_bytes"))])
     lines += _table(["context", "tokens/s", "weights/token", "KV cache/token", "KV share of bytes", "ceiling tok/s",
                      "of ceiling", "attention share of time", "HF f32 tok/s", "vs HF f32", "peak RSS", "RSS budget"], rows) + [""]
+    lines += _kv_dtypes_section(M, plan, t)
 
     lines += [f"## Backends and threads ({plan.headline})", ""]
     rows = []
@@ -238,7 +266,8 @@ def markdown(results: dict, plan: Plan) -> str:
               "- transformers: `Qwen2ForCausalLM.from_pretrained(dir, dtype=...)` with its default attention "
               f"implementation ({_attn(M)}); decode is a loop of `model(input_ids=token, cache=DynamicCache)` with "
               "argmax, which is what `generate()` does minus its bookkeeping; prefill passes `logits_to_keep=1`.",
-              "- The RSS budget is the checkpoint's size + the KV cache allocated for the run (float32) + 300 MB.",
+              "- The RSS budget is the checkpoint's size + the KV caches allocated for the run (float32, or one of "
+              "each dtype where a workload compares them) + 300 MB.",
               "- ⚠ marks a measurement during which other processes used that many cores (from /proc/stat); "
               "`steal_cores` in results.json is what the hypervisor took.", ""]
     return "\n".join(lines)

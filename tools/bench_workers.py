@@ -263,12 +263,15 @@ def _random_tokens(n: int, vocab: int) -> np.ndarray:
 
 
 def _fill_cache(cache, context: int) -> None:
-    """Random keys and values in the first `context` slots: a decode step's cost does not depend on them."""
+    """Random keys and values in the first `context` slots, rounded to the cache's dtype (the same values
+    for every dtype): a decode step's cost does not depend on them."""
+    from qwen_ref.kv_cache import round_to_kv_dtype
+
     rng = np.random.default_rng(1)
     L, Hkv, _, hd = cache.keys.shape
     block = min(context, 1024)
     for store in (cache.keys, cache.values):
-        tile = rng.standard_normal((L, Hkv, block, hd), dtype=np.float32)  # [L, Hkv, block, hd]
+        tile = round_to_kv_dtype(rng.standard_normal((L, Hkv, block, hd), dtype=np.float32), cache.kv_dtype)
         for start in range(0, context, block):
             n = min(block, context - start)
             store[:, :, start : start + n] = tile[:, :, :n]
@@ -293,11 +296,14 @@ def _numba_info(spec: dict) -> dict:
 
 def work_qwen_decode(spec: dict) -> list[dict]:
     """Greedy generation; tokens/s of the steps after the first token (prefill excluded). In a paired
-    round (spec["ceiling_beside"]: the array's bytes) also the ceiling reads beside each repeat."""
+    round (spec["ceiling_beside"]: the array's bytes) also the ceiling reads beside each repeat; with
+    spec["kv_dtypes"], one measurement per KV cache dtype (`_decode_kv_dtypes`)."""
     from qwen_ref.generation import GenerationStats, generate
     from qwen_ref.sampling import GREEDY, Sampler
 
     model = _qwen_model(spec)
+    if spec.get("kv_dtypes"):
+        return _decode_kv_dtypes(model, spec)
     ctx, n_new = spec["context"], spec["new_tokens"]
     if ctx is None:
         tokens, cache = _random_tokens(spec["prompt"], model.config.vocab_size), None
@@ -317,6 +323,53 @@ def work_qwen_decode(spec: dict) -> list[dict]:
     beside = ceiling_reads(spec["ceiling_beside"]) if spec.get("ceiling_beside") else None
     m = measure(lambda: run(n_new), spec, "decode", "tokens/s", beside)
     return [{"decode_steps": n_new - 1, **m, **_numba_info(spec)}]
+
+
+def _decode_kv_dtypes(model, spec: dict) -> list[dict]:
+    """Decode at spec["context"] with a cache of each of spec["kv_dtypes"], filled with the same values: in one
+    process, so that the weights, the page cache and the host's state are shared, and a round of one repeat
+    per dtype (in an order that rotates from round to round) takes seconds. Per dtype: tokens/s over the
+    rounds and each round's ratio to the first dtype's tokens/s, whose median is `vs_<first>`."""
+    from qwen_ref.generation import GenerationStats, generate
+    from qwen_ref.sampling import GREEDY, Sampler
+
+    ctx, n_new, kv_dtypes = spec["context"], spec["new_tokens"], spec["kv_dtypes"]
+    tokens = _random_tokens(ctx + 1, model.config.vocab_size)  # generate() computes only the last one
+    caches = {}
+    for kv_dtype in kv_dtypes:
+        model.kv_dtype = kv_dtype
+        caches[kv_dtype] = model.new_cache(ctx + n_new)
+        _fill_cache(caches[kv_dtype], ctx)
+
+    def run(kv_dtype: str, n: int) -> float:
+        stats = GenerationStats()
+        for _ in generate(model, list(tokens), n, (), Sampler(GREEDY), cache=caches[kv_dtype], stats=stats):
+            pass  # each repeat rewrites the same n positions after the filled ones
+        return stats.decode_tokens / stats.decode_seconds
+
+    for kv_dtype in kv_dtypes:
+        run(kv_dtype, min(4, n_new))  # JIT for each cache dtype, page faults
+    one = {**spec, "repeats": 1}  # shared, so that all the waits for quiet draw on one budget
+    rounds: dict[str, list[dict]] = {kv_dtype: [] for kv_dtype in kv_dtypes}
+    for r in range(spec["repeats"]):
+        for kv_dtype in kv_dtypes[r % len(kv_dtypes):] + kv_dtypes[: r % len(kv_dtypes)]:
+            rounds[kv_dtype].append(measure(functools.partial(run, kv_dtype, n_new), one,
+                                            f"decode, {kv_dtype} cache, round {r + 1}", "tokens/s"))
+    first = [m["median"] for m in rounds[kv_dtypes[0]]]
+    out = []
+    for kv_dtype, ms in rounds.items():
+        values = [m["median"] for m in ms]
+        ratios = [v / f for v, f in zip(values, first)]
+        out.append({"name": f"qwen-ref/numba/{spec['model']}/decode-ctx-{ctx}-kv-{kv_dtype}/{spec['threads']}t",
+                    "kv_dtype": kv_dtype, "decode_steps": n_new - 1, "unit": "tokens/s", "values": values,
+                    "median": float(np.median(values)), "min": min(values), "max": max(values),
+                    "repeats": len(values), f"vs_{kv_dtypes[0]}_rounds": ratios,
+                    f"vs_{kv_dtypes[0]}": float(np.median(ratios)),
+                    "other_cores": float(np.mean([m["other_cores"] for m in ms])),
+                    "steal_cores": float(np.mean([m["steal_cores"] for m in ms])),
+                    "discarded": [d for m in ms for d in m["discarded"]],
+                    "quiet_wait_seconds": round(sum(m["quiet_wait_seconds"] for m in ms), 1), **_numba_info(spec)})
+    return out
 
 
 def work_qwen_prefill(spec: dict) -> list[dict]:
