@@ -1,0 +1,83 @@
+"""Positions near the end of a 32K context: RoPE against transformers at positions 30,000 to 32,767.
+
+transformers' eager attention over a 32K prompt needs [heads, 32K, 32K] float32 scores (4 GB per
+head), so the comparison runs the model on a short sequence whose RoPE positions start at 30,000,
+as transformers does when given `position_ids`: both sides compute the same function (the tokens
+attend only to each other, rotated at positions 30,000+), and RoPE meets the angles of the end of
+the context, where an ulp of a frequency is worth 2e-3 rad.
+"""
+
+import numpy as np
+import pytest
+from helpers import transformers_random_model
+
+import qwen_ref.model
+from qwen_ref.backends import BACKEND_NAMES, get_backend
+from qwen_ref.compare import compare_logits
+from qwen_ref.model import load_model
+from qwen_ref.rope import rope_cos_sin, rope_inv_freq
+
+FIRST_POSITION = 30_000
+CONTEXT = 32_768  # max_position_embeddings of every Qwen1.5 checkpoint
+# (head_dim, rope_theta) of the published RoPE tables: Qwen1.5-0.5B; 1.8B, 7B, 14B, 32B, 72B; 4B
+ROPE_TABLES = [(64, 1e6), (128, 1e6), (128, 5e6)]
+
+
+def test_inv_freq_is_correctly_rounded_and_off_transformers_only_where_torch_misrounds_a_near_tie(torch_reference):
+    torch, transformers = torch_reference
+    mpmath = pytest.importorskip("mpmath")  # installed with torch (through sympy)
+    mpmath.mp.prec = 113
+    rotary = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding
+    differing = 0
+    for head_dim in (4, 14, 16, 64, 80, 128, 256):
+        for theta in (1e4, 1e6, 5e6, 1e7):
+            config = transformers.Qwen2Config(hidden_size=64, num_attention_heads=2, head_dim=head_dim, rope_theta=theta)
+            theirs = rotary.compute_default_rope_parameters(config)[0].numpy()  # [hd/2]
+            ours = rope_inv_freq(head_dim, theta)  # [hd/2]
+            for i, x in enumerate(np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)):
+                power = mpmath.mpf(float(np.float32(theta))) ** mpmath.mpf(float(x))  # theta^x, exact enough
+                below = np.float32(float(power))
+                below = below if mpmath.mpf(float(below)) <= power else np.nextafter(below, np.float32(0))
+                above = np.nextafter(below, np.float32(np.inf))
+                share = (power - mpmath.mpf(float(below))) / (mpmath.mpf(float(above)) - mpmath.mpf(float(below)))
+                nearest = below if share < 0.5 else above  # where theta^x lies between its float32 neighbours
+                assert ours[i] == np.float32(1) / nearest, (head_dim, theta, i)
+                if theirs[i] != ours[i]:
+                    differing += 1
+                    # PyTorch's float32 pow rounds the other way only where it is nearly a tie
+                    assert abs(share - 0.5) < 0.1 and theirs[i] == np.float32(1) / (above if nearest == below else below)
+    assert differing < 20  # 7 of these 1,124 frequencies with torch 2.13 on AVX2: rare, not the rule
+
+
+@pytest.fixture(scope="module", params=ROPE_TABLES, ids=lambda t: f"hd{t[0]}-theta{t[1]:g}")
+def end_of_context(request, torch_reference, tmp_path_factory):
+    """A random 2-layer GQA model with a published RoPE table, the token ids, and transformers' logits at
+    positions 30,000 to 32,767 (float32, eager)."""
+    torch, transformers = torch_reference
+    head_dim, theta = request.param
+    config = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=head_dim, rope_theta=theta, max_position_embeddings=CONTEXT,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    model_dir = tmp_path_factory.mktemp("end_of_context")
+    transformers_random_model(torch, transformers, config, seed=head_dim).save_pretrained(model_dir)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    tokens = np.random.default_rng(0).integers(0, config["vocab_size"], CONTEXT - FIRST_POSITION)  # [T]
+    positions = torch.arange(FIRST_POSITION, CONTEXT)[None]  # [1, T]: up to the last position of the context
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(tokens)[None], position_ids=positions).logits[0].numpy()  # [T, V]
+    return model_dir, tokens, ref
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_NAMES)
+def test_logits_at_positions_30000_to_32767_agree_with_transformers(end_of_context, backend_name, monkeypatch):
+    model_dir, tokens, ref = end_of_context
+    # the same tokens, rotated at positions 30,000+ as transformers' position_ids put them
+    monkeypatch.setattr(qwen_ref.model, "rope_cos_sin",
+                        lambda positions, inv_freq: rope_cos_sin(positions + FIRST_POSITION, inv_freq))
+    model = load_model(model_dir, get_backend(backend_name))
+    ours = model.forward(tokens, model.new_cache(len(tokens)))  # [T, V]
+    report = compare_logits(ref, ours)
+    assert report.max_abs_diff <= report.tolerance, report.summary()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * report.tolerance  # elsewhere either order is within tolerance
+    assert clear.mean() > 0.9 and np.array_equal(ref.argmax(-1)[clear], ours.argmax(-1)[clear]), report.summary()
