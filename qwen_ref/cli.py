@@ -25,7 +25,7 @@ from qwen_ref.generation import (
     generate,
     prefill,
 )
-from qwen_ref.model import QwenModel, load_model
+from qwen_ref.model import ALL_ROWS, QwenModel, load_model
 from qwen_ref.npz import save_npz
 from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.profile import Profile, profiled_backend
@@ -173,7 +173,7 @@ def _run_logits(args: argparse.Namespace) -> int:
     tokens = _prompt_tokens(args, model, tokenizer)
     check_context(model, len(tokens), 0)  # before the progress bar starts
     with _progress(args, len(tokens)) as bar:
-        logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False, on_chunk=bar.update)
+        logits = prefill(model, tokens, model.new_cache(len(tokens)), ALL_ROWS, on_chunk=bar.update)
     try:
         save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "logits": logits})
     except OSError as exc:

@@ -18,6 +18,16 @@ from qwen_ref.memory import keep_freed_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
 from qwen_ref.weights import load_weights, to_float32
 
+# Which rows of a forward call get logits: a slice of range(T), step 1, negative ends counted from T.
+ALL_ROWS = slice(None)
+LAST_ROW = slice(-1, None)  # the next-token distribution: all that generation needs
+NO_ROWS = slice(0, 0)  # keys and values only: the LM head does not run
+# OpenBLAS (0.3.31, Haswell kernels) and the numba matmul (its GEMV, up to 3 rows) sum a row of
+# x @ W.T in another order in calls of up to 4 rows than in larger calls. A selection of fewer rows
+# therefore runs the LM head with neighbouring rows up to this many (then drops them), so that
+# selected logits equal the same rows of the full logits bit for bit.
+_LM_HEAD_MIN_ROWS = 8
+
 
 class QwenModel:
     """Qwen2ForCausalLM: embeddings, L decoder layers, final RMSNorm, LM head."""
@@ -50,10 +60,12 @@ class QwenModel:
         """An empty KV cache for `capacity` tokens (default: the model's whole context)."""
         return KVCache(self.config, self.config.max_position_embeddings if capacity is None else capacity)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Run `tokens` after the ones already in `cache`; return logits [T, V] ([1, V] if last_only).
+    def forward(self, tokens: np.ndarray, cache: KVCache, rows: slice = ALL_ROWS) -> np.ndarray:
+        """Run `tokens` after the ones already in `cache`; return the logits of `rows` [n, V] (all T by default).
 
-        Row t of the logits is the distribution of the token that follows tokens[t].
+        Row t of the logits is the distribution of the token that follows tokens[t]. Only the selected
+        rows go through the final norm and the LM head ([T, V] for a long prompt would be far larger
+        than the cache).
         """
         cfg, W, ops = self.config, self.weights, self.backend
         tokens = np.asarray(tokens, dtype=np.int64)  # [T]
@@ -62,6 +74,9 @@ class QwenModel:
         bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
         if len(bad):
             raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        wanted = range(len(tokens))[rows]
+        if wanted.step != 1:
+            raise ValueError(f"forward: rows {rows} must be contiguous")
         cache.reserve(len(tokens))
         past = cache.length
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
@@ -74,10 +89,13 @@ class QwenModel:
                 x = self._decoder_layer(i, x, cos, sin, cache, past)
         cache.length += len(tokens)
 
-        if last_only:
-            x = x[-1:]  # [1, D]: generation needs only the next-token distribution
-        x = ops.rms_norm(x, W["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [T, D]
-        return ops.linear(x, self.lm_head, None)  # result_output [T, V]
+        if not wanted:
+            return np.empty((0, cfg.vocab_size), dtype=np.float32)  # [0, V]
+        start = max(0, min(wanted.start, wanted.stop - _LM_HEAD_MIN_ROWS))
+        stop = min(len(tokens), max(wanted.stop, start + _LM_HEAD_MIN_ROWS))
+        x = ops.rms_norm(x[start:stop], W["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [n', D]
+        logits = ops.linear(x, self.lm_head, None)  # result_output [n', V]
+        return logits[wanted.start - start : wanted.stop - start]  # [n, V]
 
     def _decoder_layer(
         self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int

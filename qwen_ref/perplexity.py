@@ -40,7 +40,7 @@ from qwen_ref.backends import get_backend
 from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
-from qwen_ref.model import QwenModel, load_model
+from qwen_ref.model import ALL_ROWS, NO_ROWS, QwenModel, load_model
 from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.tokenizer import Tokenizer
 
@@ -95,12 +95,12 @@ def window_nll(model: QwenModel, tokens: np.ndarray, window: Window) -> float:
     ids = tokens[window.begin : window.end]  # [L]
     scored_from = window.first_target - 1 - window.begin  # index in ids of the first row of logits we need
     cache = model.new_cache(len(ids) - 1)  # the last token predicts past the window: it never goes in
-    if scored_from > 0:  # context only: last_only skips the LM head on rows nobody scores
-        prefill(model, ids[:scored_from], cache, last_only=True)
+    if scored_from > 0:  # context only: no LM head on rows nobody scores
+        prefill(model, ids[:scored_from], cache, NO_ROWS)
     nll = 0.0
     for start in range(scored_from, len(ids) - 1, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, len(ids) - 1)
-        logits = prefill(model, ids[start:stop], cache, last_only=False)  # [n, V]: row i predicts ids[start+i+1]
+        logits = prefill(model, ids[start:stop], cache, ALL_ROWS)  # [n, V]: row i predicts ids[start+i+1]
         nll -= float(target_log_probs(logits, ids[start + 1 : stop + 1]).sum())
     return nll
 

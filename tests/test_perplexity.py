@@ -93,7 +93,7 @@ def test_target_log_probs_are_log_softmax_in_float64():
 
 
 def test_split_window_equals_scoring_rows_of_a_whole_window_forward():
-    # window_nll runs context-only tokens with last_only and scores the rest in chunks; the plain way is
+    # window_nll runs context-only tokens without the LM head and scores the rest in chunks; the plain way is
     # one forward pass over each window, log-softmax of every row, keep the rows of the targets.
     model = load_model(FIXTURES / "long_seq_bf16")
     tokens = np.load(FIXTURES / "long_seq_bf16" / "reference.npz")["prompt_tokens"][:150]
