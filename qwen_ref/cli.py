@@ -29,6 +29,7 @@ from qwen_ref.model import ALL_ROWS, QwenModel, load_model
 from qwen_ref.npz import save_npz
 from qwen_ref.options import add_run_options, positive_int
 from qwen_ref.profile import Profile, profiled_backend
+from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import set_threads
 from qwen_ref.tokenizer import TextStream, Tokenizer
@@ -41,23 +42,10 @@ class _Parser(argparse.ArgumentParser):
         raise QwenRefError(f"{self.prog}: {message} (see --help)")
 
 
-def _token_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens wants comma-separated integers, got {text!r}") from None
-
-
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     add_run_options(parser)
     parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
-
-
-def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's tokenizer.json")
-    source.add_argument("--tokens", type=_token_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -85,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
     _add_model_args(logits)
-    _add_prompt_args(logits)
+    add_prompt_arguments(logits)
     logits.add_argument("--out", required=True, type=Path, help="output .npz (arrays: tokens [T], logits [T, V])")
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_args(gen)
-    _add_prompt_args(gen)
+    add_prompt_arguments(gen)
     _add_sampling_args(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
@@ -130,18 +118,19 @@ def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]
 
 
 def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokenizer | None) -> list[int]:
-    if args.tokens is not None:
+    text, tokens = prompt_text(args), prompt_token_ids(args)
+    if tokens is not None:
         if getattr(args, "chat", False):
-            raise QwenRefError("--chat needs --prompt text, not --tokens")
-        tokens = args.tokens
+            raise QwenRefError("--chat needs a text prompt (--prompt or --prompt-file), not token ids")
     elif tokenizer is None:
-        raise QwenRefError(f"{args.model}: no tokenizer.json, so --prompt cannot be used (pass --tokens)")
+        raise QwenRefError(f"{args.model}: no tokenizer.json, so a text prompt cannot be tokenized "
+                           "(pass --tokens or --tokens-file)")
     elif getattr(args, "chat", False):
         system = [{"role": "system", "content": args.system}] if args.system is not None else []
-        text = ChatTemplate.from_model_dir(args.model).render(system + [{"role": "user", "content": args.prompt}])
-        tokens = tokenizer.encode(text)
+        rendered = ChatTemplate.from_model_dir(args.model).render(system + [{"role": "user", "content": text}])
+        tokens = tokenizer.encode(rendered)
     else:
-        tokens = tokenizer.encode(args.prompt)
+        tokens = tokenizer.encode(text)
     if not tokens:
         raise QwenRefError("the prompt is empty")
     vocab = model.config.vocab_size

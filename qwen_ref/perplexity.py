@@ -42,6 +42,7 @@ from qwen_ref.errors import QwenRefError
 from qwen_ref.generation import prefill
 from qwen_ref.model import ALL_ROWS, NO_ROWS, QwenModel, load_model
 from qwen_ref.options import add_run_options, positive_int
+from qwen_ref.prompt import read_text
 from qwen_ref.tokenizer import Tokenizer
 
 DEFAULT_CTX = 512  # capped at the model's max_position_embeddings
@@ -156,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Perplexity of a UTF-8 text file under the model, with transformers' strided sliding window: windows of "
         "--ctx tokens start every --stride tokens and each scores only the tokens no earlier window scored."
     )
-    parser.add_argument("file", type=Path, help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
+    parser.add_argument("file", type=Path, help="UTF-8 text, tokenized with the checkpoint's tokenizer.json; - reads "
+                        "standard input")
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors, "
                         "tokenizer.json)")
     parser.add_argument("--ctx", type=positive_int,
@@ -164,17 +166,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: ctx // 2)")
     add_run_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QwenRefError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise QwenRefError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise QwenRefError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_model_dir(args.model)
     if tokenizer is None:
         raise QwenRefError(f"{args.model}: no tokenizer.json, so {args.file} cannot be tokenized")
-    text = _read_text(args.file)
+    text = read_text(args.file)
     if not text:
         raise QwenRefError(f"{args.file} is empty")
     tokens = tokenizer.encode(text)

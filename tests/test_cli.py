@@ -93,6 +93,14 @@ def _small(tmp_path):
     return tmp_path
 
 
+def _small_with_prompt_files(tmp_path):
+    """_small, and beside it prompt files that are wrong in one way each."""
+    (tmp_path / "bad_ids.txt").write_text("1, 2\n3 4x\n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "too_long.txt").write_text(" ".join(["1"] * 17))
+    return _small(tmp_path)
+
+
 @pytest.mark.parametrize(
     "make_model, args, message",
     [
@@ -105,11 +113,21 @@ def _small(tmp_path):
         (_small, ["generate", "--tokens", ""], "prompt is empty"),
         (_small, ["generate", "--tokens", ",".join(["1"] * 17)], "exceeds the model's context of 16"),
         (_small, ["generate", "--tokens", "1,2", "--max-new-tokens", "15"], "exceeds the model's context"),
-        (_small, ["generate", "--tokens", "1,x"], "comma-separated integers"),
+        (_small, ["generate", "--tokens", "1,x"], "--tokens: item 2, 'x', is not a token id"),
         (_small, ["generate", "--tokens", "1", "--max-new-tokens", "0"], "positive integer"),
         (_small, ["generate", "--tokens", "1", "--backend", "cuda"], "invalid choice"),
         (_small, ["generate", "--prompt", "hi"], "no tokenizer.json"),
         (_small, ["logits", "--tokens", "1", "--out", "/nonexistent/dir/x.npz"], "cannot write"),
+        (_small, ["logits", "--tokens-file", "{tmp}/missing.txt", "--out", "{tmp}/x.npz"], "missing.txt: no such file"),
+        (_small, ["logits", "--tokens-file", "{tmp}", "--out", "{tmp}/x.npz"], "Is a directory"),
+        (_small_with_prompt_files, ["logits", "--tokens-file", "{tmp}/bad_ids.txt", "--out", "{tmp}/x.npz"],
+         "bad_ids.txt: item 4, '4x', is not a token id"),
+        (_small_with_prompt_files, ["generate", "--prompt-file", "{tmp}/latin1.txt"],
+         "latin1.txt: not UTF-8 text (unexpected end of data at byte 3)"),
+        (_small_with_prompt_files, ["logits", "--tokens-file", "{tmp}/too_long.txt", "--out", "{tmp}/x.npz"],
+         "prompt of 17 tokens exceeds the model's context of 16 tokens (max_position_embeddings)"),
+        (_small, ["logits", "--prompt", "hi", "--tokens-file", "x", "--out", "{tmp}/x.npz"], "not allowed with"),
+        (_small, ["generate", "--prompt-file", "x", "--tokens", "1"], "not allowed with"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, make_model, args, message):
@@ -119,3 +137,41 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, make_model, args, m
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and result.stderr.startswith("qwen-ref: error:")
+
+
+# --- long prompts: files and standard input -----------------------------------------
+
+
+def _logits(*args, **kwargs):
+    result = qwen_ref("logits", *args, **kwargs)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_token_file_and_standard_input_give_the_logits_of_the_same_ids_as_tokens(tmp_path):
+    model = FIXTURES / "mha_f32_untied"
+    tokens = np.load(model / "reference.npz")["prompt_tokens"].tolist()
+    _logits("--model", model, "--tokens", ",".join(map(str, tokens)), "--out", tmp_path / "flag.npz")
+    # commas, spaces, tabs and newlines mixed, as files written by other tools have them
+    text = ",".join(map(str, tokens[:5])) + "\n" + "\t".join(map(str, tokens[5:9])) + " ,\n" + \
+        "  ".join(map(str, tokens[9:])) + "\n"
+    (tmp_path / "ids.txt").write_text(text)
+    _logits("--model", model, "--tokens-file", tmp_path / "ids.txt", "--out", tmp_path / "file.npz")
+    _logits("--model", model, "--tokens-file", "-", "--out", tmp_path / "stdin.npz", input=text)
+    flag = np.load(tmp_path / "flag.npz")
+    for name in ("file", "stdin"):
+        other = np.load(tmp_path / f"{name}.npz")
+        assert np.array_equal(other["tokens"], tokens) and np.array_equal(other["logits"], flag["logits"]), name
+
+
+def test_prompt_file_is_the_text_byte_for_byte_and_standard_input_works(text_model, tmp_path):
+    text = PROMPT_TEXT + "Hello\n"  # the final newline is part of the prompt
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    common = ["--model", text_model, "--max-new-tokens", 3, "--temperature", 0, "--json", "--quiet"]
+    runs = [qwen_ref("generate", *common, "--prompt", text),
+            qwen_ref("generate", *common, "--prompt-file", tmp_path / "prompt.txt"),
+            qwen_ref("generate", *common, "--prompt-file", "-", input=text)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    outs = [json.loads(r.stdout) for r in runs]
+    assert outs[0]["prompt_tokens"][-1] == 198  # "\n"
+    assert outs[1] == outs[0] and outs[2] == outs[0]

@@ -129,7 +129,7 @@ def _tokenizer_dir():
     [
         (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
         (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in"),
-        (["--tokens", "1,2", "--chat"], "--chat needs --prompt"),
+        (["--tokens", "1,2", "--chat"], "--chat needs a text prompt"),
         (["--prompt", ""], "prompt is empty"),
     ],
 )

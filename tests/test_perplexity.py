@@ -206,3 +206,13 @@ def test_checkpoint_without_tokenizer_exits_2(tmp_path):
     text.write_text(TEXT, encoding="utf-8")
     result = qwen_ref("perplexity", "--model", FIXTURES / "mha_f32_untied", text)
     assert result.returncode == 2 and "no tokenizer.json" in result.stderr, result.stderr
+
+
+def test_cli_reads_the_text_from_standard_input_given_a_dash(text_model, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    common = ["--model", text_model, "--ctx", 64, "--json", "--backend", "numpy"]
+    from_file = qwen_ref("perplexity", tmp_path / "text.txt", *common)
+    from_stdin = subprocess.run([sys.executable, "-m", "qwen_ref", "perplexity", "-", *map(str, common)],
+                                capture_output=True, text=True, input=TEXT)
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_stdin.stderr
+    assert {**json.loads(from_stdin.stdout), "file": None} == {**json.loads(from_file.stdout), "file": None}
