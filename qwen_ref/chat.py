@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qwen_ref.chat_template import ChatTemplate
-from qwen_ref.generation import GenerationStats, generate
+from qwen_ref.errors import QwenRefError
+from qwen_ref.generation import PREFILL_CHUNK, GenerationStats, generate
 from qwen_ref.model import QwenModel
 from qwen_ref.sampling import Sampler
 from qwen_ref.tokenizer import TextStream, Tokenizer
@@ -34,9 +35,14 @@ class ChatSession:
         max_new_tokens: int,
         system: str | None = None,
         stop_strings: tuple[str, ...] = (),
+        prefill_chunk: int = PREFILL_CHUNK,
+        progress: Callable[[int], Callable[[int], object]] | None = None,
     ):
+        """`progress(n)`, called before a turn's n new prompt tokens go through the model, returns the
+        callback that follows its chunks (a progress bar)."""
         self.model, self.tokenizer, self.template, self.sampler = model, tokenizer, template, sampler
         self.eos_token_ids, self.max_new_tokens, self.stop_strings = eos_token_ids, max_new_tokens, stop_strings
+        self.prefill_chunk, self.progress = prefill_chunk, progress
         self.cache = model.new_cache()  # the whole context; memory is committed only as it fills
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
         self.system = system
@@ -52,14 +58,21 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         messages = self.messages + [{"role": "user", "content": user_text}]
         tokens = self.tokenizer.encode(self.template.render(system + messages))
-        context_left = self.model.config.max_position_embeddings - len(tokens)
-        self.cache.length = common_prefix_length(self.cached_tokens, tokens)
+        context = self.model.config.max_position_embeddings
+        if len(tokens) >= context:
+            raise QwenRefError(f"the conversation is {len(tokens)} tokens, which leaves no room for a reply in the "
+                               f"model's context of {context} tokens (/reset starts over)")
+        max_new = min(self.max_new_tokens, context - len(tokens))
+        # at least the last prompt token is computed again: its logits give the first new token
+        reused = min(common_prefix_length(self.cached_tokens, tokens), len(tokens) - 1)
+        self.cache.length = reused
 
         stats = GenerationStats()
         stream = TextStream(self.tokenizer, self.stop_strings)
         generated = []
-        max_new = max(0, min(self.max_new_tokens, context_left))
-        for token in generate(self.model, tokens, max_new, self.eos_token_ids, self.sampler, self.cache, stats):
+        on_chunk = None if self.progress is None else self.progress(len(tokens) - reused)
+        for token in generate(self.model, tokens, max_new, self.eos_token_ids, self.sampler, self.cache, stats,
+                              self.prefill_chunk, on_chunk):
             generated.append(token)
             on_text(stream.push(token))
             if stream.stopped:

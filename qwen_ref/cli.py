@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from qwen_ref import compare, info, perplexity
 from qwen_ref.backends import get_backend
@@ -18,17 +17,12 @@ from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.config import load_generation_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import (
-    PREFILL_CHUNK,
-    GenerationStats,
-    check_context,
-    generate,
-    prefill,
-)
+from qwen_ref.generation import GenerationStats, check_context, generate, prefill
 from qwen_ref.model import ALL_ROWS, QwenModel, load_model
 from qwen_ref.npz import save_npz
-from qwen_ref.options import add_run_options, positive_int
+from qwen_ref.options import add_prefill_options, add_run_options, positive_int
 from qwen_ref.profile import Profile, profiled_backend
+from qwen_ref.progress import prefill_bar
 from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import set_threads
@@ -45,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     add_run_options(parser)
-    parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
+    add_prefill_options(parser)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -140,12 +134,6 @@ def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokeni
     return tokens
 
 
-def _progress(args: argparse.Namespace, n_tokens: int) -> tqdm:
-    """A prefill progress bar on stderr, for prompts long enough to take several forward passes."""
-    return tqdm(total=n_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False,
-                disable=args.quiet or n_tokens <= PREFILL_CHUNK)
-
-
 def _timings(stats: GenerationStats, generated: int, load_seconds: float) -> str:
     def rate(n: int, seconds: float) -> str:
         return f"{n / seconds:.2f} tok/s" if seconds > 0 else "-"
@@ -161,8 +149,8 @@ def _run_logits(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load(args)
     tokens = _prompt_tokens(args, model, tokenizer)
     check_context(model, len(tokens), 0)  # before the progress bar starts
-    with _progress(args, len(tokens)) as bar:
-        logits = prefill(model, tokens, model.new_cache(len(tokens)), ALL_ROWS, on_chunk=bar.update)
+    bar = prefill_bar(len(tokens), args.prefill_chunk, args.quiet)
+    logits = prefill(model, tokens, model.new_cache(len(tokens)), ALL_ROWS, args.prefill_chunk, bar)  # [T, V]
     try:
         save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "logits": logits})
     except OSError as exc:
@@ -185,18 +173,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     tokens: list[int] = []
     finish_reason = "length"
-    with _progress(args, len(prompt)) as bar:
-        steps = generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats, on_prefill_chunk=bar.update)
-        for token in steps:
-            tokens.append(token)
-            piece = stream.push(token) if stream else ""
-            if not args.json:
-                print(piece if stream else f"{token} ", end="", flush=True)
-            if token in eos:
-                finish_reason = "eos"
-            if stream and stream.stopped:
-                finish_reason = "stop"
-                break
+    bar = prefill_bar(len(prompt), args.prefill_chunk, args.quiet)
+    for token in generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats,
+                          prefill_chunk=args.prefill_chunk, on_prefill_chunk=bar):
+        tokens.append(token)
+        piece = stream.push(token) if stream else ""
+        if not args.json:
+            print(piece if stream else f"{token} ", end="", flush=True)
+        if token in eos:
+            finish_reason = "eos"
+        if stream and stream.stopped:
+            finish_reason = "stop"
+            break
     rest = stream.finish() if stream else ""
     if args.json:
         print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": stream.text if stream else None,
@@ -217,7 +205,9 @@ def _run_chat(args: argparse.Namespace) -> int:
         raise QwenRefError(f"{args.model}: no tokenizer.json, which chat needs")
     params, eos = _sampling_params(args, args.model, model)
     session = ChatSession(model, tokenizer, ChatTemplate.from_model_dir(args.model), Sampler(params, args.seed),
-                          eos, args.max_new_tokens, system=args.system, stop_strings=tuple(args.stop))
+                          eos, args.max_new_tokens, system=args.system, stop_strings=tuple(args.stop),
+                          prefill_chunk=args.prefill_chunk,
+                          progress=lambda n: prefill_bar(n, args.prefill_chunk, args.quiet))
     interactive = sys.stdin.isatty()
     if interactive and not args.quiet:
         print("qwen-ref chat: /reset, /system TEXT, /exit", file=sys.stderr)

@@ -128,6 +128,7 @@ def _small_with_prompt_files(tmp_path):
          "prompt of 17 tokens exceeds the model's context of 16 tokens (max_position_embeddings)"),
         (_small, ["logits", "--prompt", "hi", "--tokens-file", "x", "--out", "{tmp}/x.npz"], "not allowed with"),
         (_small, ["generate", "--prompt-file", "x", "--tokens", "1"], "not allowed with"),
+        (_small, ["generate", "--tokens", "1", "--prefill-chunk", "0"], "positive integer"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, make_model, args, message):
@@ -175,3 +176,16 @@ def test_prompt_file_is_the_text_byte_for_byte_and_standard_input_works(text_mod
     outs = [json.loads(r.stdout) for r in runs]
     assert outs[0]["prompt_tokens"][-1] == 198  # "\n"
     assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+@pytest.mark.parametrize("command", ["logits", "generate"])
+def test_prefill_progress_bar_on_stderr_for_prompts_of_several_chunks_unless_quiet(tmp_path, command):
+    model = FIXTURES / "mha_f32_untied"
+    tokens = ",".join(map(str, np.load(model / "reference.npz")["prompt_tokens"]))  # 16 tokens
+    args = [command, "--model", model, "--tokens", tokens, "--prefill-chunk", 4]
+    args += ["--out", tmp_path / "x.npz"] if command == "logits" else ["--max-new-tokens", 2]
+    assert "prefill: " in qwen_ref(*args).stderr
+    quiet = qwen_ref(*args, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    one_chunk = qwen_ref(*args, "--prefill-chunk", 16)  # the last value given counts
+    assert one_chunk.returncode == 0 and "prefill: " not in one_chunk.stderr

@@ -1,4 +1,5 @@
-"""Positions near the end of a 32K context: RoPE against transformers at positions 30,000 to 32,767.
+"""Long prompts: RoPE against transformers at positions 30,000 to 32,767, and memory that grows with the
+prefill chunk, not with the prompt.
 
 transformers' eager attention over a 32K prompt needs [heads, 32K, 32K] float32 scores (4 GB per
 head), so the comparison runs the model on a short sequence whose RoPE positions start at 30,000,
@@ -7,9 +8,12 @@ attend only to each other, rotated at positions 30,000+), and RoPE meets the ang
 the context, where an ulp of a frequency is worth 2e-3 rad.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from helpers import transformers_random_model
+from helpers import random_checkpoint, small_config, transformers_random_model
 
 import qwen_ref.model
 from qwen_ref.backends import BACKEND_NAMES, get_backend
@@ -81,3 +85,27 @@ def test_logits_at_positions_30000_to_32767_agree_with_transformers(end_of_conte
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * report.tolerance  # elsewhere either order is within tolerance
     assert clear.mean() > 0.9 and np.array_equal(ref.argmax(-1)[clear], ours.argmax(-1)[clear]), report.summary()
+
+
+# `qwen-ref ARGS` in a process that prints its peak resident memory (MB) as the last line of stderr
+_PEAK_RSS = ("import resource, sys; from qwen_ref.cli import main; code = main(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr); sys.exit(code)")
+
+
+def peak_rss_mb(*args) -> int:
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.split()[-1])
+
+
+def test_attention_scratch_grows_with_the_prefill_chunk_not_the_prompt(tmp_path):
+    # The numpy attention holds the scores of a chunk's queries against every key so far: [H, chunk, T]
+    heads, n_tokens = 16, 3000
+    random_checkpoint(tmp_path, small_config(hidden_size=64, num_attention_heads=heads, num_key_value_heads=4,
+                                             max_position_embeddings=4096))
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, np.random.default_rng(0).integers(0, 97, n_tokens))))
+    args = ["logits", "--model", tmp_path, "--tokens-file", tmp_path / "ids.txt", "--out", tmp_path / "x.npz",
+            "--backend", "numpy", "--quiet"]
+    large, small = peak_rss_mb(*args, "--prefill-chunk", 512), peak_rss_mb(*args, "--prefill-chunk", 128)
+    one_score_array = heads * (512 - 128) * n_tokens * 4 / 2**20  # 70 MB: float32 [H, 384, T]
+    assert large - small >= one_score_array, (large, small)

@@ -216,3 +216,12 @@ def test_cli_reads_the_text_from_standard_input_given_a_dash(text_model, tmp_pat
                                 capture_output=True, text=True, input=TEXT)
     assert from_file.returncode == 0 and from_stdin.returncode == 0, from_stdin.stderr
     assert {**json.loads(from_stdin.stdout), "file": None} == {**json.loads(from_file.stdout), "file": None}
+
+
+def test_cli_shows_a_progress_bar_for_windows_of_several_chunks_and_quiet_hides_everything(text_model, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    args = ["perplexity", "--model", text_model, tmp_path / "text.txt", "--ctx", 64, "--prefill-chunk", 16]
+    shown = qwen_ref(*args)
+    assert shown.returncode == 0 and "prefill: " in shown.stderr and "window 1/" in shown.stderr, shown.stderr
+    quiet = qwen_ref(*args, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == shown.stdout
