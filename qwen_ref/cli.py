@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,15 @@ class _Parser(argparse.ArgumentParser):
         raise QwenRefError(f"{self.prog}: {message} (see --help)")
 
 
+def _position_slice(text: str) -> slice:
+    """An argparse type: A:B, 0-based and half-open as a Python slice (either end may be left out or negative)."""
+    match = re.fullmatch(r"(-?[0-9]+)?:(-?[0-9]+)?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"wants A:B as a Python slice of the prompt positions (e.g. 0:10, -4:), "
+                                         f"got {text!r}")
+    return slice(*(None if end is None else int(end) for end in match.groups()))
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     add_run_options(parser)
@@ -65,10 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     selfcheck = commands.add_parser("selfcheck", help="run the built-in tiny checkpoint against transformers' logits")
     add_run_options(selfcheck)
 
-    logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
+    logits = commands.add_parser("logits", help="write the logits at the prompt positions to an .npz file")
     _add_model_args(logits)
     add_prompt_arguments(logits)
-    logits.add_argument("--out", required=True, type=Path, help="output .npz (arrays: tokens [T], logits [T, V])")
+    logits.add_argument("--out", required=True, type=Path,
+                        help="output .npz: tokens [T] (the prompt), positions [P], logits [P, V]; row i is the "
+                             "distribution of the token after position positions[i]")
+    rows = logits.add_mutually_exclusive_group()
+    rows.add_argument("--last", type=positive_int, metavar="N",
+                      help="keep the logits of the last N positions only (default: every position)")
+    rows.add_argument("--positions", type=_position_slice, metavar="A:B",
+                      help="keep the logits of positions A to B-1 only: 0-based, the Python slice [A:B], either "
+                           "end may be left out or negative (write --positions=-8: for a negative A) "
+                           "(default: every position)")
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_args(gen)
@@ -149,14 +168,21 @@ def _run_logits(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load(args)
     tokens = _prompt_tokens(args, model, tokenizer)
     check_context(model, len(tokens), 0)  # before the progress bar starts
+    rows = slice(-args.last, None) if args.last else args.positions or ALL_ROWS
+    kept = range(len(tokens))[rows]
+    if not kept:
+        asked = ":".join("" if end is None else str(end) for end in (rows.start, rows.stop))
+        raise QwenRefError(f"--positions {asked} selects no position of the {len(tokens)}-token prompt")
     bar = prefill_bar(len(tokens), args.prefill_chunk, args.quiet)
-    logits = prefill(model, tokens, model.new_cache(len(tokens)), ALL_ROWS, args.prefill_chunk, bar)  # [T, V]
+    logits = prefill(model, tokens, model.new_cache(len(tokens)), rows, args.prefill_chunk, bar)  # [P, V]
+    positions = np.arange(kept.start, kept.stop, dtype=np.int64)  # [P]
     try:
-        save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "logits": logits})
+        save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "positions": positions, "logits": logits})
     except OSError as exc:
         raise QwenRefError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
-        print(f"wrote logits [{len(tokens)}, {model.config.vocab_size}] to {args.out}", file=sys.stderr)
+        print(f"wrote logits [{len(kept)}, {model.config.vocab_size}] of positions {kept.start}..{kept.stop - 1} "
+              f"(of {len(tokens)}) to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -35,6 +35,7 @@ def test_logits_writes_tokens_and_logits_matching_transformers(tmp_path):
     saved = np.load(out)
     assert saved["tokens"].dtype == np.int64 and np.array_equal(saved["tokens"], ref["prompt_tokens"])
     assert saved["logits"].dtype == np.float32 and saved["logits"].shape == ref["logits"].shape
+    assert saved["positions"].dtype == np.int64 and np.array_equal(saved["positions"], ref["logit_positions"])
     assert compare_logits(ref["logits"], saved["logits"]).ok
 
 
@@ -129,6 +130,12 @@ def _small_with_prompt_files(tmp_path):
         (_small, ["logits", "--prompt", "hi", "--tokens-file", "x", "--out", "{tmp}/x.npz"], "not allowed with"),
         (_small, ["generate", "--prompt-file", "x", "--tokens", "1"], "not allowed with"),
         (_small, ["generate", "--tokens", "1", "--prefill-chunk", "0"], "positive integer"),
+        (_small, ["logits", "--tokens", "1,2", "--out", "{tmp}/x.npz", "--last", "1", "--positions", "0:1"],
+         "not allowed with"),
+        (_small, ["logits", "--tokens", "1,2,3,4", "--out", "{tmp}/x.npz", "--positions", "5:9"],
+         "--positions 5:9 selects no position of the 4-token prompt"),
+        (_small, ["logits", "--tokens", "1,2", "--out", "{tmp}/x.npz", "--positions", "1-2"], "wants A:B"),
+        (_small, ["logits", "--tokens", "1,2", "--out", "{tmp}/x.npz", "--last", "0"], "positive integer"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, make_model, args, message):
@@ -140,13 +147,38 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, make_model, args, m
     assert message in result.stderr and result.stderr.startswith("qwen-ref: error:")
 
 
-# --- long prompts: files and standard input -----------------------------------------
+# --- long prompts: files, standard input, some positions only -----------------------------------------
 
 
 def _logits(*args, **kwargs):
     result = qwen_ref("logits", *args, **kwargs)
     assert result.returncode == 0, result.stderr
     return result
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_last_and_positions_are_the_rows_of_the_full_logits_bit_for_bit(tmp_path, backend):
+    model = FIXTURES / "long_seq_bf16"  # 320 tokens: 5 chunks of 64, so selections cross chunk boundaries
+    tokens = np.load(model / "reference.npz")["prompt_tokens"]
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, tokens)))
+    common = ["--model", model, "--tokens-file", tmp_path / "ids.txt", "--backend", backend, "--prefill-chunk", 64]
+    _logits(*common, "--out", tmp_path / "full.npz")
+    full = np.load(tmp_path / "full.npz")
+    assert np.array_equal(full["positions"], np.arange(len(tokens)))
+    # short selections go through the LM head with other rows than the full run's: the bits must not change
+    for name, selection, rows in [
+        ("last1", ["--last", 1], slice(-1, None)),
+        ("last3", ["--last", 3], slice(-3, None)),
+        ("last100", ["--last", 100], slice(-100, None)),
+        ("first", ["--positions", "0:1"], slice(0, 1)),
+        ("across_a_chunk_end", ["--positions", "62:66"], slice(62, 66)),
+        ("negative", ["--positions=-70:-60"], slice(-70, -60)),
+    ]:
+        _logits(*common, *selection, "--out", tmp_path / f"{name}.npz")
+        part = np.load(tmp_path / f"{name}.npz")
+        assert np.array_equal(part["tokens"], tokens), name
+        assert np.array_equal(part["positions"], np.arange(len(tokens))[rows]), name
+        assert np.array_equal(part["logits"], full["logits"][rows]), name
 
 
 def test_token_file_and_standard_input_give_the_logits_of_the_same_ids_as_tokens(tmp_path):
