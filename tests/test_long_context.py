@@ -1,11 +1,12 @@
-"""Long prompts: RoPE against transformers at positions 30,000 to 32,767, and memory that grows with the
-prefill chunk, not with the prompt.
+"""Long prompts: RoPE against transformers at positions 30,000 to 32,767, a 32,000-token prompt from a
+file through `qwen-ref logits --last 4`, and memory that grows with the prefill chunk, not the prompt.
 
 transformers' eager attention over a 32K prompt needs [heads, 32K, 32K] float32 scores (4 GB per
-head), so the comparison runs the model on a short sequence whose RoPE positions start at 30,000,
-as transformers does when given `position_ids`: both sides compute the same function (the tokens
+head), so the RoPE tables are compared on a short sequence whose positions start at 30,000, as
+transformers runs it when given `position_ids`: both sides compute the same function (the tokens
 attend only to each other, rotated at positions 30,000+), and RoPE meets the angles of the end of
-the context, where an ulp of a frequency is worth 2e-3 rad.
+the context, where an ulp of a frequency is worth 2e-3 rad. The whole 32,000-token prompt is
+compared with transformers' sdpa attention, which computes the same float32 softmax blockwise.
 """
 
 import subprocess
@@ -109,3 +110,38 @@ def test_attention_scratch_grows_with_the_prefill_chunk_not_the_prompt(tmp_path)
     large, small = peak_rss_mb(*args, "--prefill-chunk", 512), peak_rss_mb(*args, "--prefill-chunk", 128)
     one_score_array = heads * (512 - 128) * n_tokens * 4 / 2**20  # 70 MB: float32 [H, 384, T]
     assert large - small >= one_score_array, (large, small)
+
+
+@pytest.fixture(scope="module")
+def prompt_of_32000_tokens(tmp_path_factory):
+    """A tiny random model with a 32,768-token context (head_dim 16), a file of 32,000 token ids, and what
+    `qwen-ref logits --tokens-file FILE --last 4` wrote for it: (model folder, ids, the .npz, peak memory in MB)."""
+    folder = tmp_path_factory.mktemp("prompt_32k")
+    model = folder / "model"
+    random_checkpoint(model, small_config(max_position_embeddings=CONTEXT, num_attention_heads=2, num_key_value_heads=1))
+    ids = np.random.default_rng(1).integers(0, 97, 32_000)  # [T]
+    rows = [", ".join(map(str, row)) for row in ids.reshape(-1, 1000)]  # commas within lines, newlines between
+    (folder / "ids.txt").write_text("\n".join(rows) + "\n")
+    out = folder / "last4.npz"
+    peak = peak_rss_mb("logits", "--model", model, "--tokens-file", folder / "ids.txt", "--last", 4, "--out", out,
+                       "--quiet")
+    return model, ids, np.load(out), peak
+
+
+def test_a_32000_token_prompt_file_gives_its_last_4_positions_in_bounded_memory(prompt_of_32000_tokens):
+    _, ids, saved, peak = prompt_of_32000_tokens
+    assert np.array_equal(saved["tokens"], ids)
+    assert np.array_equal(saved["positions"], np.arange(31_996, 32_000))
+    assert saved["logits"].shape == (4, 97) and np.isfinite(saved["logits"]).all()
+    # one head's [T, T] float32 scores alone would be 4 GB; the weights, the 8 MB cache and Numba take ~160 MB
+    assert peak < 1024, peak
+
+
+def test_the_last_positions_of_a_32000_token_prompt_agree_with_transformers(prompt_of_32000_tokens, torch_reference):
+    torch, transformers = torch_reference
+    model_dir, ids, saved, _ = prompt_of_32000_tokens
+    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(ids)[None], logits_to_keep=4).logits[0].numpy()  # [4, V]
+    report = compare_logits(ref, saved["logits"], row_positions=saved["positions"])
+    assert report.ok, report.summary()
