@@ -36,7 +36,8 @@ def test_inv_freq_is_correctly_rounded_and_off_transformers_only_where_torch_mis
     differing = 0
     for head_dim in (4, 14, 16, 64, 80, 128, 256):
         for theta in (1e4, 1e6, 5e6, 1e7):
-            config = transformers.Qwen2Config(hidden_size=64, num_attention_heads=2, head_dim=head_dim, rope_theta=theta)
+            config = transformers.Qwen2Config(hidden_size=64, num_attention_heads=2, head_dim=head_dim,
+                                              rope_theta=theta)
             theirs = rotary.compute_default_rope_parameters(config)[0].numpy()  # [hd/2]
             ours = rope_inv_freq(head_dim, theta)  # [hd/2]
             for i, x in enumerate(np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)):
@@ -50,7 +51,8 @@ def test_inv_freq_is_correctly_rounded_and_off_transformers_only_where_torch_mis
                 if theirs[i] != ours[i]:
                     differing += 1
                     # PyTorch's float32 pow rounds the other way only where it is nearly a tie
-                    assert abs(share - 0.5) < 0.1 and theirs[i] == np.float32(1) / (above if nearest == below else below)
+                    other_neighbour = above if nearest == below else below
+                    assert abs(share - 0.5) < 0.1 and theirs[i] == np.float32(1) / other_neighbour
     assert differing < 20  # 7 of these 1,124 frequencies with torch 2.13 on AVX2: rare, not the rule
 
 
@@ -118,7 +120,8 @@ def prompt_of_32000_tokens(tmp_path_factory):
     `qwen-ref logits --tokens-file FILE --last 4` wrote for it: (model folder, ids, the .npz, peak memory in MB)."""
     folder = tmp_path_factory.mktemp("prompt_32k")
     model = folder / "model"
-    random_checkpoint(model, small_config(max_position_embeddings=CONTEXT, num_attention_heads=2, num_key_value_heads=1))
+    random_checkpoint(model, small_config(max_position_embeddings=CONTEXT, num_attention_heads=2,
+                                          num_key_value_heads=1))
     ids = np.random.default_rng(1).integers(0, 97, 32_000)  # [T]
     rows = [", ".join(map(str, row)) for row in ids.reshape(-1, 1000)]  # commas within lines, newlines between
     (folder / "ids.txt").write_text("\n".join(rows) + "\n")
