@@ -41,8 +41,8 @@ def _position_slice(text: str) -> slice:
     """An argparse type: A:B, 0-based and half-open as a Python slice (either end may be left out or negative)."""
     match = re.fullmatch(r"(-?[0-9]+)?:(-?[0-9]+)?", text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"wants A:B as a Python slice of the prompt positions (e.g. 0:10, -4:), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"wants A:B as a Python slice of the prompt positions (e.g. 0:10, or "
+                                         f"--positions=-4: for the last 4), got {text!r}")
     return slice(*(None if end is None else int(end) for end in match.groups()))
 
 
