@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from qwen_ref import compare, info, perplexity
 from qwen_ref.backends import get_backend
@@ -18,22 +18,19 @@ from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.config import load_generation_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import (
-    PREFILL_CHUNK,
-    GenerationStats,
-    check_context,
-    generate,
-    prefill,
-)
-from qwen_ref.model import QwenModel, load_model
+from qwen_ref.generation import GenerationStats, check_context, generate, prefill
+from qwen_ref.model import ALL_ROWS, QwenModel, load_model
 from qwen_ref.npz import save_npz
 from qwen_ref.options import (
     add_kv_dtype_option,
+    add_prefill_options,
     add_run_options,
     layer_major,
     positive_int,
 )
 from qwen_ref.profile import Profile, profiled_backend
+from qwen_ref.progress import prefill_bar
+from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
 from qwen_ref.threads import set_threads
 from qwen_ref.tokenizer import TextStream, Tokenizer
@@ -46,24 +43,20 @@ class _Parser(argparse.ArgumentParser):
         raise QwenRefError(f"{self.prog}: {message} (see --help)")
 
 
-def _token_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens wants comma-separated integers, got {text!r}") from None
+def _position_slice(text: str) -> slice:
+    """An argparse type: A:B, 0-based and half-open as a Python slice (either end may be left out or negative)."""
+    match = re.fullmatch(r"(-?[0-9]+)?:(-?[0-9]+)?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"wants A:B as a Python slice of the prompt positions (e.g. 0:10, or "
+                                         f"--positions=-4: for the last 4), got {text!r}")
+    return slice(*(None if end is None else int(end) for end in match.groups()))
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors)")
     add_run_options(parser)
     add_kv_dtype_option(parser)
-    parser.add_argument("--quiet", action="store_true", help="print nothing but the answer")
-
-
-def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's tokenizer.json")
-    source.add_argument("--tokens", type=_token_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    add_prefill_options(parser)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -89,14 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     selfcheck = commands.add_parser("selfcheck", help="run the built-in tiny checkpoint against transformers' logits")
     add_run_options(selfcheck)
 
-    logits = commands.add_parser("logits", help="write the logits at every prompt position to an .npz file")
+    logits = commands.add_parser("logits", help="write the logits at the prompt positions to an .npz file")
     _add_model_args(logits)
-    _add_prompt_args(logits)
-    logits.add_argument("--out", required=True, type=Path, help="output .npz (arrays: tokens [T], logits [T, V])")
+    add_prompt_arguments(logits)
+    logits.add_argument("--out", required=True, type=Path,
+                        help="output .npz: tokens [T] (the prompt), positions [P], logits [P, V]; row i is the "
+                             "distribution of the token after position positions[i]")
+    rows = logits.add_mutually_exclusive_group()
+    rows.add_argument("--last", type=positive_int, metavar="N",
+                      help="keep the logits of the last N positions only (default: every position)")
+    rows.add_argument("--positions", type=_position_slice, metavar="A:B",
+                      help="keep the logits of positions A to B-1 only: 0-based, the Python slice [A:B], either "
+                           "end may be left out or negative (write --positions=-8: for a negative A) "
+                           "(default: every position)")
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_args(gen)
-    _add_prompt_args(gen)
+    add_prompt_arguments(gen)
     _add_sampling_args(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
@@ -139,18 +141,19 @@ def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]
 
 
 def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokenizer | None) -> list[int]:
-    if args.tokens is not None:
+    text, tokens = prompt_text(args), prompt_token_ids(args)
+    if tokens is not None:
         if getattr(args, "chat", False):
-            raise QwenRefError("--chat needs --prompt text, not --tokens")
-        tokens = args.tokens
+            raise QwenRefError("--chat needs a text prompt (--prompt or --prompt-file), not token ids")
     elif tokenizer is None:
-        raise QwenRefError(f"{args.model}: no tokenizer.json, so --prompt cannot be used (pass --tokens)")
+        raise QwenRefError(f"{args.model}: no tokenizer.json, so a text prompt cannot be tokenized "
+                           "(pass --tokens or --tokens-file)")
     elif getattr(args, "chat", False):
         system = [{"role": "system", "content": args.system}] if args.system is not None else []
-        text = ChatTemplate.from_model_dir(args.model).render(system + [{"role": "user", "content": args.prompt}])
-        tokens = tokenizer.encode(text)
+        rendered = ChatTemplate.from_model_dir(args.model).render(system + [{"role": "user", "content": text}])
+        tokens = tokenizer.encode(rendered)
     else:
-        tokens = tokenizer.encode(args.prompt)
+        tokens = tokenizer.encode(text)
     if not tokens:
         raise QwenRefError("the prompt is empty")
     vocab = model.config.vocab_size
@@ -158,12 +161,6 @@ def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokeni
     if bad:
         raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     return tokens
-
-
-def _progress(args: argparse.Namespace, n_tokens: int) -> tqdm:
-    """A prefill progress bar on stderr, for prompts long enough to take several forward passes."""
-    return tqdm(total=n_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False,
-                disable=args.quiet or n_tokens <= PREFILL_CHUNK)
 
 
 def _timings(stats: GenerationStats, generated: int, load_seconds: float) -> str:
@@ -181,14 +178,21 @@ def _run_logits(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load(args)
     tokens = _prompt_tokens(args, model, tokenizer)
     check_context(model, len(tokens), 0)  # before the progress bar starts
-    with _progress(args, len(tokens)) as bar:
-        logits = prefill(model, tokens, model.new_cache(len(tokens)), last_only=False, on_chunk=bar.update)
+    rows = slice(-args.last, None) if args.last else args.positions or ALL_ROWS
+    kept = range(len(tokens))[rows]
+    if not kept:
+        asked = ":".join("" if end is None else str(end) for end in (rows.start, rows.stop))
+        raise QwenRefError(f"--positions {asked} selects no position of the {len(tokens)}-token prompt")
+    bar = prefill_bar(len(tokens), args.prefill_chunk, args.quiet)
+    logits = prefill(model, tokens, model.new_cache(len(tokens)), rows, args.prefill_chunk, bar)  # [P, V]
+    positions = np.arange(kept.start, kept.stop, dtype=np.int64)  # [P]
     try:
-        save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "logits": logits})
+        save_npz(args.out, {"tokens": np.array(tokens, dtype=np.int64), "positions": positions, "logits": logits})
     except OSError as exc:
         raise QwenRefError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
-        print(f"wrote logits [{len(tokens)}, {model.config.vocab_size}] to {args.out}", file=sys.stderr)
+        print(f"wrote logits [{len(kept)}, {model.config.vocab_size}] of positions {kept.start}..{kept.stop - 1} "
+              f"(of {len(tokens)}) to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -205,18 +209,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     tokens: list[int] = []
     finish_reason = "length"
-    with _progress(args, len(prompt)) as bar:
-        steps = generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats, on_prefill_chunk=bar.update)
-        for token in steps:
-            tokens.append(token)
-            piece = stream.push(token) if stream else ""
-            if not args.json:
-                print(piece if stream else f"{token} ", end="", flush=True)
-            if token in eos:
-                finish_reason = "eos"
-            if stream and stream.stopped:
-                finish_reason = "stop"
-                break
+    bar = prefill_bar(len(prompt), args.prefill_chunk, args.quiet)
+    for token in generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats,
+                          prefill_chunk=args.prefill_chunk, on_prefill_chunk=bar):
+        tokens.append(token)
+        piece = stream.push(token) if stream else ""
+        if not args.json:
+            print(piece if stream else f"{token} ", end="", flush=True)
+        if token in eos:
+            finish_reason = "eos"
+        if stream and stream.stopped:
+            finish_reason = "stop"
+            break
     rest = stream.finish() if stream else ""
     if args.json:
         print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": stream.text if stream else None,
@@ -237,7 +241,9 @@ def _run_chat(args: argparse.Namespace) -> int:
         raise QwenRefError(f"{args.model}: no tokenizer.json, which chat needs")
     params, eos = _sampling_params(args, args.model, model)
     session = ChatSession(model, tokenizer, ChatTemplate.from_model_dir(args.model), Sampler(params, args.seed),
-                          eos, args.max_new_tokens, system=args.system, stop_strings=tuple(args.stop))
+                          eos, args.max_new_tokens, system=args.system, stop_strings=tuple(args.stop),
+                          prefill_chunk=args.prefill_chunk,
+                          progress=lambda n: prefill_bar(n, args.prefill_chunk, args.quiet))
     interactive = sys.stdin.isatty()
     if interactive and not args.quiet:
         print("qwen-ref chat: /reset, /system TEXT, /exit", file=sys.stderr)

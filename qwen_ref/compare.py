@@ -2,7 +2,8 @@
 engine against qwen-ref (`qwen-ref compare A B`, `assert_logits_close`).
 
 A is the reference, B the logits under test, both [T, V]; row t is the distribution of token t+1.
-The pass rule, in one place:
+Files may hold the logits of some positions only (`qwen-ref logits --last N`): their `positions`
+array says which, and the files are compared on the positions both hold. The pass rule, in one place:
 
     max |A - B| <= atol + rtol * max(1, max |A|)   and   argmax A == argmax B at every position
 
@@ -135,9 +136,16 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def compare_logits(
-    ref: np.ndarray, other: np.ndarray, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
+    ref: np.ndarray,
+    other: np.ndarray,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    row_positions: np.ndarray | None = None,
 ) -> LogitReport:
-    """Compare logits [T, V] (or one row [V]) position by position against a reference."""
+    """Compare logits [T, V] (or one row [V]) position by position against a reference.
+
+    `row_positions` [T] are the prompt positions of the rows, for the report (default: 0..T-1).
+    """
     ref, other = np.atleast_2d(ref), np.atleast_2d(other)
     if ref.shape != other.shape:
         raise ValueError(f"logit shapes differ: {ref.shape} vs {other.shape}")
@@ -172,6 +180,7 @@ def compare_logits(
             log_a, log_b = _log_softmax(a), _log_softmax(b)  # [n, V] each
             kl[rows] = (np.exp(log_a) * (log_a - log_b)).sum(axis=-1)
 
+    at = np.arange(T) if row_positions is None else np.asarray(row_positions)  # [T] position of each row
     scale = max(1.0, max_ref)
     worst = int(np.argmax(row_diff))  # NaN, if any, wins: that row is reported
     agree = top1_a == top1_b  # [T]
@@ -186,15 +195,15 @@ def compare_logits(
         max_abs_ref=max_ref,
         tolerance=atol + rtol * scale,
         max_abs_diff=float(row_diff[worst]),
-        max_abs_diff_at=(worst, int(row_diff_at[worst])),
+        max_abs_diff_at=(int(at[worst]), int(row_diff_at[worst])),
         max_rel_diff=float(row_diff[worst]) / scale,
         argmax_agree=int(agree.sum()),
-        first_argmax_mismatch=first,
+        first_argmax_mismatch=None if first is None else int(at[first]),
         first_mismatch_tokens=None if first is None else (int(top1_a[first]), int(top1_b[first])),
         first_mismatch_margin=None if first is None else float(a_first[top1_a[first]]) - float(a_first[top1_b[first]]),
         top5_overlap=float(overlap.mean() / k),
         kl_max=float(kl.max()),
-        kl_max_at=int(np.argmax(kl)),
+        kl_max_at=int(at[np.argmax(kl)]),
         kl_mean=float(kl.mean()),
         nonfinite_ref=nonfinite_ref,
         nonfinite_other=nonfinite_other,
@@ -236,8 +245,19 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return {name: to_float32(t) if t.dtype == np.uint16 else t for name, t in tensors.items()}
 
 
-def load_logits_file(path: Path) -> tuple[np.ndarray | None, np.ndarray]:
-    """(tokens int64 [T], or None when the file has none; logits [T, V] as stored, bf16 widened to float32)."""
+@dataclass(frozen=True)
+class LogitsFile:
+    tokens: np.ndarray | None  # int64 [T], the prompt; None when the file has none
+    positions: np.ndarray | None  # int64 [P], strictly increasing; None when absent: the rows are positions 0..P-1
+    logits: np.ndarray  # [P, V] as stored, bf16 widened to float32
+
+    def held_positions(self) -> np.ndarray:
+        """int64 [P]: the prompt position of each row."""
+        return np.arange(len(self.logits)) if self.positions is None else self.positions
+
+
+def load_logits_file(path: Path) -> LogitsFile:
+    """The arrays `tokens` (optional), `positions` (optional) and `logits` of an .npz or .safetensors file, checked."""
     path = Path(path)
     if not path.is_file():
         raise QwenRefError(f"{path}: no such file")
@@ -260,15 +280,32 @@ def load_logits_file(path: Path) -> tuple[np.ndarray | None, np.ndarray]:
     if logits.dtype.kind != "f":
         raise QwenRefError(f"{path}: 'logits' has dtype {logits.dtype}, want a float type")
 
+    positions = arrays.get("positions")
+    if positions is not None:
+        if positions.dtype.kind not in "iu" or positions.shape != (len(logits),):
+            raise QwenRefError(
+                f"{path}: 'positions' must be integers of shape [{len(logits)}] to match 'logits', "
+                f"got {positions.dtype} {list(positions.shape)}"
+            )
+        positions = positions.astype(np.int64)
+        if positions[0] < 0 or np.any(np.diff(positions) <= 0):
+            raise QwenRefError(f"{path}: 'positions' must be non-negative and strictly increasing")
+
     tokens = arrays.get("tokens")
     if tokens is not None:
-        if tokens.dtype.kind not in "iu" or tokens.shape != (len(logits),):
+        if positions is None and (tokens.dtype.kind not in "iu" or tokens.shape != (len(logits),)):
             raise QwenRefError(
                 f"{path}: 'tokens' must be integers of shape [{len(logits)}] to match 'logits', "
                 f"got {tokens.dtype} {list(tokens.shape)}"
             )
+        if positions is not None and (tokens.dtype.kind not in "iu" or tokens.ndim != 1
+                                      or positions[-1] >= len(tokens)):
+            raise QwenRefError(
+                f"{path}: 'tokens' must be integers [T] with T > {positions[-1]}, the last of 'positions', "
+                f"got {tokens.dtype} {list(tokens.shape)}"
+            )
         tokens = tokens.astype(np.int64)
-    return tokens, logits
+    return LogitsFile(tokens, positions, logits)
 
 
 def check_same_input(path_a: Path, tokens_a: np.ndarray | None, path_b: Path, tokens_b: np.ndarray | None) -> bool:
@@ -284,6 +321,37 @@ def check_same_input(path_a: Path, tokens_a: np.ndarray | None, path_b: Path, to
     return True
 
 
+def line_up(path_a: Path, a: LogitsFile, path_b: Path, b: LogitsFile) -> tuple[slice | np.ndarray, slice | np.ndarray,
+                                                                               np.ndarray]:
+    """(rows of A, rows of B, their positions [n]): the positions both files hold, when one holds all of the
+    other's; raise otherwise. Two files without `positions` must have the same shape, as before positions existed."""
+    if a.logits.shape[1] != b.logits.shape[1] or (a.positions is None and b.positions is None
+                                                   and a.logits.shape != b.logits.shape):
+        raise QwenRefError(
+            f"logit shapes differ: {path_a} has {list(a.logits.shape)}, {path_b} has {list(b.logits.shape)}"
+        )
+    held_a, held_b = a.held_positions(), b.held_positions()
+    common = np.intersect1d(held_a, held_b)  # [n] sorted
+    if len(common) < min(len(held_a), len(held_b)):
+        raise QwenRefError(f"{path_a} holds the logits of {_span(held_a)}, {path_b} of {_span(held_b)}: "
+                           "neither holds every position of the other")
+    return _rows(held_a, common), _rows(held_b, common), common
+
+
+def _rows(held: np.ndarray, wanted: np.ndarray) -> slice | np.ndarray:
+    """Indices of `wanted` positions among `held` (both sorted); a slice when they are consecutive rows,
+    so that comparing whole files never copies their logits."""
+    rows = np.searchsorted(held, wanted)  # [n]
+    return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
+
+
+def _span(positions: np.ndarray) -> str:
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == len(positions):
+        return f"positions {first}..{last}"
+    return f"{len(positions)} positions from {first} to {last}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # `qwen-ref compare A B`
 
@@ -292,9 +360,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qwen-ref compare`."""
     parser.description = (
         "Judge logits B against reference logits A (each an .npz as `qwen-ref logits` writes, or a .safetensors "
-        "file with the same names: 'logits' float [T, V] required, 'tokens' integer [T] optional and compared "
-        "when both files have it). PASS iff max|A-B| <= atol + rtol*max(1, max|A|) and argmax A == argmax B at "
-        "every position. Exit 0 on pass, 1 on mismatch, 2 on unusable input."
+        "file with the same names: 'logits' float [P, V] required; 'tokens' integer [T] optional and compared "
+        "when both files have it; 'positions' integer [P] optional, the prompt position of each row, else rows "
+        "are positions 0..P-1). The files are compared on the positions both hold, which must be all of one "
+        "file's. PASS iff max|A-B| <= atol + rtol*max(1, max|A|) and argmax A == argmax B at every position. "
+        "Exit 0 on pass, 1 on mismatch, 2 on unusable input."
     )
     parser.add_argument("reference", type=Path, help="A: the reference logits (.npz or .safetensors)")
     parser.add_argument("other", type=Path, help="B: the logits under test (.npz or .safetensors)")
@@ -309,21 +379,22 @@ def run(args: argparse.Namespace) -> int:
     """`qwen-ref compare`: 0 when B passes, 1 when it does not (2 comes from QwenRefError)."""
     if not (args.rtol >= 0 and args.atol >= 0):  # also refuses NaN
         raise QwenRefError(f"--rtol and --atol must be non-negative, got {args.rtol} and {args.atol}")
-    tokens_a, logits_a = load_logits_file(args.reference)
-    tokens_b, logits_b = load_logits_file(args.other)
-    if logits_a.shape != logits_b.shape:
-        raise QwenRefError(
-            f"logit shapes differ: {args.reference} has {list(logits_a.shape)}, {args.other} has {list(logits_b.shape)}"
-        )
-    tokens_checked = check_same_input(args.reference, tokens_a, args.other, tokens_b)
+    a, b = load_logits_file(args.reference), load_logits_file(args.other)
+    tokens_checked = check_same_input(args.reference, a.tokens, args.other, b.tokens)
     if not tokens_checked:
-        missing = args.reference if tokens_a is None else args.other
+        missing = args.reference if a.tokens is None else args.other
         print(f"note: {missing} has no 'tokens' array; the inputs were not checked to be the same", file=sys.stderr)
-    report = compare_logits(logits_a, logits_b, rtol=args.rtol, atol=args.atol)
+    rows_a, rows_b, positions = line_up(args.reference, a, args.other, b)
+    if len(positions) < max(len(a.logits), len(b.logits)):
+        print(f"note: comparing the {len(positions)} positions both files hold ({_span(positions)})", file=sys.stderr)
+    report = compare_logits(a.logits[rows_a], b.logits[rows_b], rtol=args.rtol, atol=args.atol,
+                            row_positions=positions)
     if args.json:
-        out = {"reference": str(args.reference), "other": str(args.other), "tokens_checked": tokens_checked}
+        out = {"reference": str(args.reference), "other": str(args.other), "tokens_checked": tokens_checked,
+               "compared_positions": positions.tolist()}
         print(json.dumps(out | report.to_dict()))
     else:
         print(f"A (reference)      {args.reference}\nB                  {args.other}")
+        print(f"compared           {_span(positions)}")
         print(report.describe())
     return 0 if report.ok else 1

@@ -10,10 +10,11 @@ import numpy as np
 
 from qwen_ref.errors import QwenRefError
 from qwen_ref.kv_cache import KVCache
-from qwen_ref.model import QwenModel
+from qwen_ref.model import ALL_ROWS, LAST_ROW, NO_ROWS, QwenModel
 from qwen_ref.sampling import Sampler
 
-# Prompt tokens per forward call: bounds attention scratch at O(chunk x context), not O(context^2).
+# Prompt tokens per forward call (--prefill-chunk): bounds attention scratch at O(chunk x context), not
+# O(context^2).
 PREFILL_CHUNK = 512
 
 
@@ -21,45 +22,56 @@ def prefill(
     model: QwenModel,
     tokens: Sequence[int],
     cache: KVCache,
-    last_only: bool = True,
+    rows: slice = LAST_ROW,
+    chunk: int = PREFILL_CHUNK,
     on_chunk: Callable[[int], object] | None = None,
 ) -> np.ndarray:
-    """Run tokens through the model in chunks; logits of every position [T, V], or of the last [1, V].
+    """Run tokens through the model, `chunk` at a time; return the logits of the positions `rows` selects [n, V].
 
-    `on_chunk(n)` is called as n more tokens are done (for a progress bar). A model set to run
-    layer-major (weights larger than memory) takes every chunk through one layer at a time.
+    `rows` is a contiguous slice of range(len(tokens)) (LAST_ROW: what generation needs; ALL_ROWS: every
+    position). Each chunk computes the LM head only for its selected rows. `on_chunk(n)` is called as
+    n more tokens are done (for a progress bar). A model set to run layer-major (weights larger than
+    memory) takes every chunk through one layer at a time, then each chunk through the LM head.
     """
     if len(tokens) == 0:
         raise QwenRefError("the prompt is empty")
+    wanted = range(len(tokens))[rows]
+    if wanted.step != 1:
+        raise ValueError(f"prefill: rows {rows} must be contiguous")
+    hidden = None  # [T, D], the last layer's output, where every layer ran before any logits
     if model.pager is not None:
-        return model.forward_layer_major(tokens, cache, PREFILL_CHUNK, last_only, on_chunk)
-    logits = []
-    for start in range(0, len(tokens), PREFILL_CHUNK):
-        chunk = tokens[start : start + PREFILL_CHUNK]
-        is_last = start + PREFILL_CHUNK >= len(tokens)
-        out = model.forward(chunk, cache, last_only=last_only)  # [len(chunk) or 1, V]
-        if not last_only or is_last:
-            logits.append(out)
-        if on_chunk is not None:
-            on_chunk(len(chunk))
-    return np.concatenate(logits)
+        hidden = model.decoder_layers_layer_major(tokens, cache, chunk, on_chunk)
+    logits = np.empty((len(wanted), model.config.vocab_size), dtype=np.float32)  # [n, V], filled chunk by chunk
+    for start in range(0, len(tokens), chunk):
+        stop = min(start + chunk, len(tokens))
+        first, last = max(wanted.start, start), min(wanted.stop, stop)  # this chunk's selected positions
+        selected = slice(first - start, last - start) if first < last else NO_ROWS
+        if hidden is None:
+            out = model.forward(tokens[start:stop], cache, selected)  # [last - first, V]
+            if on_chunk is not None:
+                on_chunk(stop - start)
+        else:
+            out = model.output(hidden[start:stop], selected)  # as forward() ends on this chunk
+        if first < last:
+            logits[first - wanted.start : last - wanted.start] = out
+    return logits
 
 
-def logits_for_tokens(model: QwenModel, tokens: Sequence[int]) -> np.ndarray:
-    """The logits [T, V] at every position of `tokens`, from an empty cache (what `qwen-ref logits` writes)."""
+def logits_for_tokens(model: QwenModel, tokens: Sequence[int], rows: slice = ALL_ROWS) -> np.ndarray:
+    """The logits [n, V] at the positions `rows` selects (default: every position) of `tokens`, from an empty
+    cache: what `qwen-ref logits` writes."""
     check_context(model, len(tokens), 0)
-    return prefill(model, tokens, model.new_cache(len(tokens)), last_only=False)
+    return prefill(model, tokens, model.new_cache(len(tokens)), rows)
 
 
 def check_context(model: QwenModel, n_prompt: int, max_new_tokens: int) -> None:
-    """Refuse empty prompts and requests that run past the model's context."""
+    """Refuse empty prompts and requests whose positions run past the model's context."""
     context = model.config.max_position_embeddings
     if n_prompt == 0:
         raise QwenRefError("the prompt is empty")
     if n_prompt + max_new_tokens > context:
-        raise QwenRefError(
-            f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
-        )
+        asked = f"prompt of {n_prompt} tokens" + (f" + {max_new_tokens} new tokens" if max_new_tokens else "")
+        raise QwenRefError(f"{asked} exceeds the model's context of {context} tokens (max_position_embeddings)")
 
 
 @dataclass
@@ -80,6 +92,7 @@ def generate(
     sampler: Sampler,
     cache: KVCache | None = None,
     stats: GenerationStats | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
     on_prefill_chunk: Callable[[int], object] | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` new tokens after `tokens`; an eos id is yielded, then it stops.
@@ -98,7 +111,7 @@ def generate(
     stats.prefill_tokens = len(history) - cache.length
 
     started = time.perf_counter()
-    logits = prefill(model, history[cache.length :], cache, on_chunk=on_prefill_chunk)  # [1, V]
+    logits = prefill(model, history[cache.length :], cache, LAST_ROW, prefill_chunk, on_prefill_chunk)  # [1, V]
     stats.prefill_seconds = time.perf_counter() - started
     for step in range(max_new_tokens):
         token = sampler(logits[-1], history)
@@ -107,6 +120,6 @@ def generate(
         if token in eos_token_ids or step == max_new_tokens - 1:
             return
         started = time.perf_counter()
-        logits = model.forward(np.array([token]), cache, last_only=True)  # [1, V]
+        logits = model.forward(np.array([token]), cache, LAST_ROW)  # [1, V]
         stats.decode_seconds += time.perf_counter() - started
         stats.decode_tokens += 1

@@ -20,6 +20,16 @@ from qwen_ref.paging import LayerPager, fits_in_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
 from qwen_ref.weights import load_weights, to_float32
 
+# Which rows of a forward call get logits: a slice of range(T), step 1, negative ends counted from T.
+ALL_ROWS = slice(None)
+LAST_ROW = slice(-1, None)  # the next-token distribution: all that generation needs
+NO_ROWS = slice(0, 0)  # keys and values only: the LM head does not run
+# OpenBLAS (0.3.31, Haswell kernels) and the numba matmul (its GEMV, up to 3 rows) sum a row of
+# x @ W.T in another order in calls of up to 4 rows than in larger calls. A selection of fewer rows
+# therefore runs the LM head with neighbouring rows up to this many (then drops them), so that
+# selected logits equal the same rows of the full logits bit for bit.
+_LM_HEAD_MIN_ROWS = 8
+
 
 class QwenModel:
     """Qwen2ForCausalLM: embeddings, L decoder layers, final RMSNorm, LM head."""
@@ -44,7 +54,7 @@ class QwenModel:
         self.pager: LayerPager | None = None  # set by use_layer_major: prompts then run layer by layer
 
     def use_layer_major(self, on: bool) -> None:
-        """Run prompts layer-major (`forward_layer_major`), reading each layer ahead as the last one ends."""
+        """Run prompts layer-major (`decoder_layers_layer_major`), reading each layer ahead as the last one ends."""
         layers = [list(self._layer_weights(i).values()) for i in range(self.config.num_hidden_layers)]
         self.pager = LayerPager(layers) if on else None
 
@@ -66,10 +76,12 @@ class QwenModel:
         capacity = self.config.max_position_embeddings if capacity is None else capacity
         return KVCache(self.config, capacity, self.kv_dtype)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Run `tokens` after the ones already in `cache`; return logits [T, V] ([1, V] if last_only).
+    def forward(self, tokens: np.ndarray, cache: KVCache, rows: slice = ALL_ROWS) -> np.ndarray:
+        """Run `tokens` after the ones already in `cache`; return the logits of `rows` [n, V] (all T by default).
 
-        Row t of the logits is the distribution of the token that follows tokens[t].
+        Row t of the logits is the distribution of the token that follows tokens[t]. Only the selected
+        rows go through the final norm and the LM head ([T, V] for a long prompt would be far larger
+        than the cache).
         """
         tokens = self._checked(tokens)  # [T]
         cache.reserve(len(tokens))
@@ -83,19 +95,19 @@ class QwenModel:
             for i in range(self.config.num_hidden_layers):
                 x = self._decoder_layer(i, x, cos, sin, cache, past)
         cache.length += len(tokens)
-        return self._output(x[-1:] if last_only else x)  # last_only: generation needs only the next token's
+        return self.output(x, rows)
 
-    def forward_layer_major(
-        self, tokens: np.ndarray, cache: KVCache, chunk: int, last_only: bool = False,
-        on_chunk: Callable[[int], object] | None = None,
+    def decoder_layers_layer_major(
+        self, tokens: np.ndarray, cache: KVCache, chunk: int, on_chunk: Callable[[int], object] | None = None,
     ) -> np.ndarray:
-        """The logits of `forward` run on consecutive chunks of `tokens`, computed layer by layer.
+        """The last decoder layer's output [T, D] for `tokens`, run as consecutive chunks, layer by layer.
 
         Every chunk goes through layer i before layer i+1 is touched, so a checkpoint larger than
         memory is read from disk once per prompt instead of once per chunk (`qwen_ref.paging`).
         Each chunk meets the same operations on the same values as in chunk-by-chunk `forward`
-        calls, so the logits are the same bit for bit. `on_chunk(n)` reports n prompt tokens' worth
-        of work done (a chunk through one layer counts for 1/L of its tokens).
+        calls, so `output` of each chunk gives the same logits bit for bit (`generation.prefill`).
+        `on_chunk(n)` reports n prompt tokens' worth of work done (a chunk through one layer counts
+        for 1/L of its tokens).
         """
         tokens = self._checked(tokens)  # [T]
         n_layers = self.config.num_hidden_layers
@@ -115,10 +127,7 @@ class QwenModel:
                 if on_chunk is not None and done // n_layers > before:
                     on_chunk(done // n_layers - before)
         cache.length += len(tokens)
-        if last_only:
-            return self._output(x[-1:])
-        # chunk by chunk, as forward() makes them: the LM head's sums are then in the same order
-        return np.concatenate([self._output(x[s : s + chunk]) for s in range(0, len(tokens), chunk)])
+        return x
 
     def _checked(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids as int64 [T], refused if empty or outside the vocabulary."""
@@ -130,11 +139,19 @@ class QwenModel:
             raise QwenRefError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         return tokens
 
-    def _output(self, x: np.ndarray) -> np.ndarray:
-        """Final RMSNorm and LM head: [n, D] -> logits [n, V]."""
+    def output(self, x: np.ndarray, rows: slice = ALL_ROWS) -> np.ndarray:
+        """Final RMSNorm and LM head of the rows of x [T, D] that `rows` selects: logits [n, V]."""
         cfg, ops = self.config, self.backend
-        x = ops.rms_norm(x, self.weights["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [n, D]
-        return ops.linear(x, self.lm_head, None)  # result_output [n, V]
+        wanted = range(len(x))[rows]
+        if wanted.step != 1:
+            raise ValueError(f"output: rows {rows} must be contiguous")
+        if not wanted:
+            return np.empty((0, cfg.vocab_size), dtype=np.float32)  # [0, V]
+        start = max(0, min(wanted.start, wanted.stop - _LM_HEAD_MIN_ROWS))
+        stop = min(len(x), max(wanted.stop, start + _LM_HEAD_MIN_ROWS))
+        x = ops.rms_norm(x[start:stop], self.weights["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [n', D]
+        logits = ops.linear(x, self.lm_head, None)  # result_output [n', V]
+        return logits[wanted.start - start : wanted.stop - start]  # [n, V]
 
     def _decoder_layer(
         self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int

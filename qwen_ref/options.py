@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qwen_ref.backends import BACKEND_NAMES
+from qwen_ref.generation import PREFILL_CHUNK
 from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 LAYER_MAJOR = ("auto", "on", "off")
@@ -44,3 +45,11 @@ def add_kv_dtype_option(parser: argparse.ArgumentParser) -> None:
                         help="what the KV cache stores: bfloat16 or float16 halve its memory and what each decode "
                              "step reads of it, rounding every key and value (README: the logit error) "
                              "(default: %(default)s, as transformers computes)")
+
+
+def add_prefill_options(parser: argparse.ArgumentParser) -> None:
+    """--prefill-chunk and --quiet, for every command that runs a prompt through the model."""
+    parser.add_argument("--prefill-chunk", type=positive_int, default=PREFILL_CHUNK, metavar="N",
+                        help="prompt tokens per forward pass; attention scratch grows as N x context "
+                             "(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but the answer (no progress bar)")

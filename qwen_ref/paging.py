@@ -2,7 +2,7 @@
 
 Weights are views of read-only file mappings (weights.py), so the kernel pages them in on first
 touch and may evict them at will. When they do not fit in memory, a prompt runs layer-major
-(`QwenModel.forward_layer_major`): layer i's weights serve every chunk of the prompt and are then
+(`QwenModel.decoder_layers_layer_major`): layer i's weights serve every chunk of the prompt and are then
 done with. So while layer i computes, layer i+1 is read ahead (MADV_WILLNEED, from a thread: the
 call can block while the reads are queued), and layer i's pages are marked cold (MADV_COLD), the
 first the kernel reclaims, so that they, not the next layer's, make room. Both are hints: a kernel

@@ -39,14 +39,17 @@ import numpy as np
 from qwen_ref.backends import get_backend
 from qwen_ref.config import load_config
 from qwen_ref.errors import QwenRefError
-from qwen_ref.generation import prefill
-from qwen_ref.model import QwenModel, load_model
+from qwen_ref.generation import PREFILL_CHUNK, prefill
+from qwen_ref.model import ALL_ROWS, NO_ROWS, QwenModel, load_model
 from qwen_ref.options import (
     add_kv_dtype_option,
+    add_prefill_options,
     add_run_options,
     layer_major,
     positive_int,
 )
+from qwen_ref.progress import prefill_bar
+from qwen_ref.prompt import read_text
 from qwen_ref.tokenizer import Tokenizer
 
 DEFAULT_CTX = 512  # capped at the model's max_position_embeddings
@@ -93,19 +96,29 @@ def target_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return picked - (m + np.log(x.sum(axis=-1)))  # [n]
 
 
-def window_nll(model: QwenModel, tokens: np.ndarray, window: Window) -> float:
-    """Sum of -log p(token t | tokens[begin:t]) over the window's targets t."""
+def window_nll(
+    model: QwenModel,
+    tokens: np.ndarray,
+    window: Window,
+    chunk: int = PREFILL_CHUNK,
+    on_chunk: Callable[[int], object] | None = None,
+) -> float:
+    """Sum of -log p(token t | tokens[begin:t]) over the window's targets t.
+
+    The window's tokens go through the model `chunk` at a time; `on_chunk(n)` follows them (progress).
+    """
     if window.targets == 0:  # a one-token last window (stride == ctx): nothing to predict
         return 0.0
     ids = tokens[window.begin : window.end]  # [L]
     scored_from = window.first_target - 1 - window.begin  # index in ids of the first row of logits we need
     cache = model.new_cache(len(ids) - 1)  # the last token predicts past the window: it never goes in
-    if scored_from > 0:  # context only: last_only skips the LM head on rows nobody scores
-        prefill(model, ids[:scored_from], cache, last_only=True)
+    if scored_from > 0:  # context only: no LM head on rows nobody scores
+        prefill(model, ids[:scored_from], cache, NO_ROWS, chunk, on_chunk)
     nll = 0.0
     for start in range(scored_from, len(ids) - 1, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, len(ids) - 1)
-        logits = prefill(model, ids[start:stop], cache, last_only=False)  # [n, V]: row i predicts ids[start+i+1]
+        # [n, V]: row i predicts ids[start+i+1]
+        logits = prefill(model, ids[start:stop], cache, ALL_ROWS, chunk, on_chunk)
         nll -= float(target_log_probs(logits, ids[start + 1 : stop + 1]).sum())
     return nll
 
@@ -134,8 +147,14 @@ def perplexity(
     ctx: int,
     stride: int,
     on_window: Callable[[int, int, float], object] | None = None,
+    chunk: int = PREFILL_CHUNK,
+    progress: Callable[[int], Callable[[int], object]] | None = None,
 ) -> PerplexityResult:
-    """Sliding-window perplexity of `tokens`; `on_window(i, n_windows, running_ppl)` reports progress."""
+    """Sliding-window perplexity of `tokens`; `on_window(i, n_windows, running_ppl)` reports progress.
+
+    Each window runs through the model `chunk` tokens at a time; `progress(n)`, called before a window's
+    n tokens go in, returns the callback that follows its chunks (a progress bar).
+    """
     tokens = np.asarray(tokens, dtype=np.int64)  # [N]
     if len(tokens) < 2:
         raise QwenRefError(f"perplexity needs at least 2 tokens (the first is never predicted), got {len(tokens)}")
@@ -144,7 +163,8 @@ def perplexity(
     windows = sliding_windows(len(tokens), ctx, stride)
     nll, scored = 0.0, 0
     for i, window in enumerate(windows):
-        nll += window_nll(model, tokens, window)
+        on_chunk = None if progress is None else progress(window.end - window.begin - 1)
+        nll += window_nll(model, tokens, window, chunk, on_chunk)
         scored += window.targets
         if on_window is not None:
             on_window(i, len(windows), math.exp(nll / scored))
@@ -161,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Perplexity of a UTF-8 text file under the model, with transformers' strided sliding window: windows of "
         "--ctx tokens start every --stride tokens and each scores only the tokens no earlier window scored."
     )
-    parser.add_argument("file", type=Path, help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
+    parser.add_argument("file", type=Path, help="UTF-8 text, tokenized with the checkpoint's tokenizer.json; - reads "
+                        "standard input")
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json, *.safetensors, "
                         "tokenizer.json)")
     parser.add_argument("--ctx", type=positive_int,
@@ -169,18 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: ctx // 2)")
     add_run_options(parser)
     add_kv_dtype_option(parser)
+    add_prefill_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QwenRefError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise QwenRefError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise QwenRefError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_model_dir(args.model)
     if tokenizer is None:
         raise QwenRefError(f"{args.model}: no tokenizer.json, so {args.file} cannot be tokenized")
-    text = _read_text(args.file)
+    text = read_text(args.file)
     if not text:
         raise QwenRefError(f"{args.file} is empty")
     tokens = tokenizer.encode(text)
@@ -200,10 +211,12 @@ def run(args: argparse.Namespace) -> int:
     sliding_windows(len(tokens), ctx, stride)  # reject a bad --ctx/--stride before loading the model
     model = load_model(args.model, get_backend(args.backend), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
 
-    def progress(i: int, n: int, running: float) -> None:
-        print(f"window {i + 1}/{n}: running perplexity {running:.4f}", file=sys.stderr, flush=True)
+    def report(i: int, n: int, running: float) -> None:
+        if not args.quiet:
+            print(f"window {i + 1}/{n}: running perplexity {running:.4f}", file=sys.stderr, flush=True)
 
-    result = perplexity(model, tokens, ctx, stride, on_window=progress)
+    result = perplexity(model, tokens, ctx, stride, on_window=report, chunk=args.prefill_chunk,
+                        progress=lambda n: prefill_bar(n, args.prefill_chunk, args.quiet))
     if args.json:
         print(json.dumps({
             "file": str(args.file), "model": str(args.model), "backend": args.backend, "kv_dtype": args.kv_dtype,

@@ -12,7 +12,7 @@ from qwen_ref.backends import Backend
 from qwen_ref.compare import compare_logits
 from qwen_ref.config import load_generation_config
 from qwen_ref.generation import generate, prefill
-from qwen_ref.model import load_model
+from qwen_ref.model import ALL_ROWS, load_model
 from qwen_ref.sampling import GREEDY, Sampler
 
 SELFCHECK_MODEL = Path(str(files("qwen_ref") / "selfcheck_model"))
@@ -23,7 +23,7 @@ def run_selfcheck(backend: Backend, layer_major: bool | None = None) -> bool:
     model = load_model(SELFCHECK_MODEL, backend, layer_major=layer_major)
     reference = np.load(SELFCHECK_MODEL / "reference.npz")
     prompt = reference["prompt_tokens"]
-    logits = prefill(model, prompt, model.new_cache(len(prompt)), last_only=False)  # [T, V]
+    logits = prefill(model, prompt, model.new_cache(len(prompt)), ALL_ROWS)  # [T, V]
     report = compare_logits(reference["logits"], logits)
 
     eos = load_generation_config(SELFCHECK_MODEL, model.config).eos_token_ids

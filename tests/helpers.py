@@ -77,6 +77,25 @@ def small_config(**overrides) -> dict:
     return config
 
 
+def transformers_random_model(torch, transformers, config: dict, seed: int):
+    """A random Qwen2ForCausalLM (eager attention) with weights scaled so logits are spread, not flat near zero."""
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
+    model.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.dim() == 1:  # q/k/v biases
+                p.copy_(0.3 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise * 1.5 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
 def with_tokenizer(model_dir: Path, dest: Path) -> Path:
     """A copy of a checkpoint folder with the real Qwen1.5 tokenizer added (decompressed from the repo)."""
     shutil.copytree(model_dir, dest)

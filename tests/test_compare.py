@@ -153,15 +153,15 @@ def test_assert_logits_close_raises_with_the_full_report():
 def test_safetensors_with_int64_tokens_and_bf16_logits_load(tmp_path):
     tokens, logits = np.arange(5, dtype=np.int64), _logits(T=5)
     save_file({"tokens": tokens, "logits": logits}, str(tmp_path / "f32.safetensors"))
-    got_tokens, got_logits = load_logits_file(tmp_path / "f32.safetensors")
-    assert np.array_equal(got_tokens, tokens) and np.array_equal(got_logits, logits)
+    got = load_logits_file(tmp_path / "f32.safetensors")
+    assert np.array_equal(got.tokens, tokens) and np.array_equal(got.logits, logits) and got.positions is None
 
     write_safetensors(tmp_path / "bf16.safetensors", {"logits": ("BF16", logits)})  # no tokens: allowed
-    got_tokens, got_logits = load_logits_file(tmp_path / "bf16.safetensors")
-    assert got_tokens is None and got_logits.dtype == np.float32
+    got = load_logits_file(tmp_path / "bf16.safetensors")
+    assert got.tokens is None and got.logits.dtype == np.float32
     bf16 = to_float32(read_safetensors(tmp_path / "bf16.safetensors")["logits"])
-    assert np.array_equal(got_logits, bf16)
-    assert np.abs(got_logits - logits).max() <= np.abs(logits).max() * 2**-8  # bf16 rounding: 8 mantissa bits
+    assert np.array_equal(got.logits, bf16)
+    assert np.abs(got.logits - logits).max() <= np.abs(logits).max() * 2**-8  # bf16 rounding: 8 mantissa bits
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -244,13 +244,19 @@ def _unusable_inputs(tmp, first):
     other_tokens[7] += 1
     np.savez(tmp / "other_tokens.npz", tokens=other_tokens, logits=logits)
     np.savez(tmp / "short.npz", tokens=tokens[:5], logits=logits[:5])
+    np.savez(tmp / "narrow.npz", tokens=tokens, logits=logits[:, :40])
+    np.savez(tmp / "unordered.npz", tokens=tokens, positions=[3, 2], logits=logits[2:4])
+    np.savez(tmp / "past_the_prompt.npz", tokens=tokens, positions=np.arange(14, 18), logits=logits[:4])
     np.savez(tmp / "no_logits.npz", tokens=tokens)
     (tmp / "corrupt.npz").write_bytes(b"not a zip file")
     (tmp / "logits.txt").write_text("1 2 3")
     return [
         (tmp / "missing.npz", "no such file"),
         (tmp / "other_tokens.npz", "tokens differ at position 7"),
-        (tmp / "short.npz", "logit shapes differ"),
+        (tmp / "short.npz", "has 16 tokens, "),
+        (tmp / "narrow.npz", "logit shapes differ"),
+        (tmp / "unordered.npz", "'positions' must be non-negative and strictly increasing"),
+        (tmp / "past_the_prompt.npz", "with T > 17, the last of 'positions'"),
         (tmp / "no_logits.npz", "no 'logits' array"),
         (tmp / "corrupt.npz", "not a readable .npz"),
         (tmp / "logits.txt", "want a .npz or .safetensors"),
@@ -263,3 +269,38 @@ def test_unusable_input_exits_2_with_one_line_naming_the_problem(runs):
         assert result.returncode == 2, (other, result.stdout, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert message in result.stderr, result.stderr
+
+
+def _logits_of_positions(runs, name, *selection):
+    out = runs["tmp"] / f"{name}.npz"
+    tokens = ",".join(map(str, np.load(runs["first"])["tokens"]))
+    result = qwen_ref("logits", "--model", FIXTURES / CASE, "--tokens", tokens, "--out", out, *selection)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_compare_lines_up_the_positions_a_partial_file_holds_and_reports_them(runs):
+    last5 = _logits_of_positions(runs, "last5", "--last", 5)
+    result = qwen_ref("compare", runs["first"], last5)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compared           positions 11..15" in result.stdout and "positions x vocab  5 x" in result.stdout
+    assert "comparing the 5 positions both files hold" in result.stderr
+
+    saved = np.load(last5)
+    edited, _, _ = _demote_top1(saved["logits"], 2)  # row 2 holds position 13
+    path = runs["tmp"] / "last5_edited.npz"
+    np.savez(path, tokens=saved["tokens"], positions=saved["positions"], logits=edited)
+    for a, b in [(runs["first"], path), (path, runs["first"])]:  # either file may be the partial one
+        result = qwen_ref("compare", a, b, "--json")
+        assert result.returncode == 1, result.stderr
+        out = json.loads(result.stdout)
+        assert out["compared_positions"] == [11, 12, 13, 14, 15] and out["first_argmax_mismatch"] == 13
+
+
+def test_compare_refuses_files_of_which_neither_holds_every_position_of_the_other(runs):
+    early = _logits_of_positions(runs, "early", "--positions", "0:5")
+    late = _logits_of_positions(runs, "late", "--positions", "3:9")
+    result = qwen_ref("compare", early, late)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "holds the logits of positions 0..4" in result.stderr and "of positions 3..8" in result.stderr
+    assert "neither holds every position of the other" in result.stderr

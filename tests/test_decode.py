@@ -17,7 +17,7 @@ from helpers import random_checkpoint, small_config
 
 from qwen_ref.backends import get_backend
 from qwen_ref.kv_cache import KV_DTYPES
-from qwen_ref.model import QwenModel, load_model
+from qwen_ref.model import LAST_ROW, QwenModel, load_model
 
 
 @pytest.mark.parametrize(
@@ -53,8 +53,8 @@ def test_decoder_stack_matches_the_operations_bit_for_bit(tmp_path, dtype, shape
     numba.set_num_threads(threads)  # after the stack was made: it must read the count at each call
     try:
         for token in (7, 3, 11):  # decode steps: the stack in one model, the operations in the other
-            a = stacked.forward(np.array([token]), caches[0], last_only=True)
-            b = op_by_op.forward(np.array([token]), caches[1], last_only=True)
+            a = stacked.forward(np.array([token]), caches[0], LAST_ROW)
+            b = op_by_op.forward(np.array([token]), caches[1], LAST_ROW)
             np.testing.assert_array_equal(a, b)
     finally:
         numba.set_num_threads(before)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -114,6 +115,27 @@ def test_chat_reset_and_system_commands(text_model):
     assert counts[1] > 10
 
 
+def test_chat_shows_the_prefill_of_a_long_turn_unless_quiet(text_model):
+    args = ["chat", "--model", text_model, "--max-new-tokens", 2, "--temperature", 0, "--prefill-chunk", 4]
+    shown = qwen_ref(*args, stdin="Hello there\n")
+    assert shown.returncode == 0 and "prefill: " in shown.stderr, shown.stderr
+    quiet = qwen_ref(*args, "--quiet", stdin="Hello there\n")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == shown.stdout
+
+
+def test_chat_turn_past_the_context_is_one_error_line_and_the_chat_goes_on(text_model, tmp_path):
+    model = tmp_path / "short_context"
+    shutil.copytree(text_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    result = qwen_ref("chat", "--model", model, "--max-new-tokens", 4, "--temperature", 0, "--quiet",
+                      stdin="word " * 40 + "\nHi\n")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"qwen-ref: error: the conversation is \d+ tokens, which leaves no room for a reply in the "
+                        r"model's context of 40 tokens \(/reset starts over\)\n", result.stderr), result.stderr
+    assert result.stdout.strip()  # the second, short turn was answered
+
+
 def _tokenizer_dir():
     import lzma
     import tempfile
@@ -129,7 +151,7 @@ def _tokenizer_dir():
     [
         (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
         (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in"),
-        (["--tokens", "1,2", "--chat"], "--chat needs --prompt"),
+        (["--tokens", "1,2", "--chat"], "--chat needs a text prompt"),
         (["--prompt", ""], "prompt is empty"),
     ],
 )

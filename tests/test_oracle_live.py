@@ -5,6 +5,7 @@ Runs wherever the `reference` extra is installed; CI requires it (QWEN_REF_REQUI
 
 import numpy as np
 import pytest
+from helpers import transformers_random_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,25 +44,6 @@ def qwen2_configs(draw):
     return config, dtype, n_tokens, draw(st.integers(0, 2**31 - 1))
 
 
-def _transformers_model(torch, transformers, config, seed):
-    """A random Qwen2ForCausalLM with weights scaled so logits are spread (not flat near zero)."""
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
-    model.set_attn_implementation("eager")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.dim() == 1:  # q/k/v biases
-                p.copy_(0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise * 1.5 / p.shape[1] ** 0.5)
-    return model.eval()
-
-
 def _margins(logits):
     top2 = np.sort(logits, axis=-1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
@@ -73,7 +55,7 @@ def _margins(logits):
 def test_random_configs_agree_with_transformers_float32(torch_reference, tmp_path_factory, backend_name, case):
     torch, transformers = torch_reference
     config, dtype, n_tokens, seed = case
-    model = _transformers_model(torch, transformers, config, seed)
+    model = transformers_random_model(torch, transformers, config, seed)
     model_dir = tmp_path_factory.mktemp("live")
     model.to(getattr(torch, dtype)).save_pretrained(model_dir)
     # The reference runs the stored (rounded) weights widened to float32. Reload rather than cast back:

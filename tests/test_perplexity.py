@@ -93,7 +93,7 @@ def test_target_log_probs_are_log_softmax_in_float64():
 
 
 def test_split_window_equals_scoring_rows_of_a_whole_window_forward():
-    # window_nll runs context-only tokens with last_only and scores the rest in chunks; the plain way is
+    # window_nll runs context-only tokens without the LM head and scores the rest in chunks; the plain way is
     # one forward pass over each window, log-softmax of every row, keep the rows of the targets.
     model = load_model(FIXTURES / "long_seq_bf16")
     tokens = np.load(FIXTURES / "long_seq_bf16" / "reference.npz")["prompt_tokens"][:150]
@@ -221,3 +221,22 @@ def test_checkpoint_without_tokenizer_exits_2(tmp_path):
     text.write_text(TEXT, encoding="utf-8")
     result = qwen_ref("perplexity", "--model", FIXTURES / "mha_f32_untied", text)
     assert result.returncode == 2 and "no tokenizer.json" in result.stderr, result.stderr
+
+
+def test_cli_reads_the_text_from_standard_input_given_a_dash(text_model, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    common = ["--model", text_model, "--ctx", 64, "--json", "--backend", "numpy"]
+    from_file = qwen_ref("perplexity", tmp_path / "text.txt", *common)
+    from_stdin = subprocess.run([sys.executable, "-m", "qwen_ref", "perplexity", "-", *map(str, common)],
+                                capture_output=True, text=True, input=TEXT)
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_stdin.stderr
+    assert {**json.loads(from_stdin.stdout), "file": None} == {**json.loads(from_file.stdout), "file": None}
+
+
+def test_cli_shows_a_progress_bar_for_windows_of_several_chunks_and_quiet_hides_everything(text_model, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    args = ["perplexity", "--model", text_model, tmp_path / "text.txt", "--ctx", 64, "--prefill-chunk", 16]
+    shown = qwen_ref(*args)
+    assert shown.returncode == 0 and "prefill: " in shown.stderr and "window 1/" in shown.stderr, shown.stderr
+    quiet = qwen_ref(*args, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == shown.stdout

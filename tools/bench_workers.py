@@ -382,7 +382,7 @@ def work_qwen_prefill(spec: dict) -> list[dict]:
     def run(n: int) -> float:
         cache = model.new_cache(n)
         start = time.perf_counter()
-        prefill(model, tokens[:n], cache, last_only=True)
+        prefill(model, tokens[:n], cache)  # logits of the last position only
         return n / (time.perf_counter() - start)
 
     run(min(64, len(tokens)))  # warm-up
@@ -489,7 +489,7 @@ def work_profile(spec: dict) -> list[dict]:
         cache = model.new_cache(P)
         timer.reset()
         start = time.perf_counter()
-        prefill(model, tokens, cache, last_only=True)
+        prefill(model, tokens, cache)  # logits of the last position only
         seconds = time.perf_counter() - start
         tables.append(timer.table(seconds, 1))
         return 1e3 * seconds
@@ -502,10 +502,12 @@ def work_profile(spec: dict) -> list[dict]:
 def _profile_steps(model, cache, timer: OpTimer, steps: int, tables: list[dict]) -> float:
     """`steps` decode steps (token 1 each time: the cost does not depend on it); ms per step. The op
     table of the steps is appended to `tables`."""
+    from qwen_ref.model import LAST_ROW
+
     timer.reset()
     start = time.perf_counter()
     for _ in range(steps):
-        model.forward(np.array([1]), cache, last_only=True)  # [1, V]
+        model.forward(np.array([1]), cache, LAST_ROW)  # [1, V]
     seconds = time.perf_counter() - start
     tables.append(timer.table(seconds, steps))
     return 1e3 * seconds / steps
