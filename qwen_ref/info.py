@@ -21,7 +21,7 @@ from qwen_ref.config import QwenConfig, load_config
 from qwen_ref.errors import QwenRefError
 from qwen_ref.kv_cache import kv_bytes_per_token
 from qwen_ref.options import positive_int
-from qwen_ref.paging import fits
+from qwen_ref.paging import MEMINFO, fits, read_meminfo
 from qwen_ref.published import published_shape
 from qwen_ref.weights import expected_shapes, load_weights
 
@@ -29,7 +29,6 @@ from qwen_ref.weights import expected_shapes, load_weights
 _STORED_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16"}
 # config.json's torch_dtype, for sizing a folder that has no weights yet.
 _TORCH_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
-MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
@@ -55,20 +54,6 @@ def parameter_count(config: QwenConfig) -> ParameterCount:
         embedding=sizes["model.embed_tokens.weight"],
         lm_head=sizes.get("lm_head.weight", 0),
     )
-
-
-def read_meminfo(path: Path = MEMINFO) -> dict[str, int] | None:
-    """MemTotal and MemAvailable in bytes, from /proc/meminfo; None where it is missing (not Linux)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    fields = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name in ("MemTotal", "MemAvailable") and value.split():
-            fields[name] = int(value.split()[0]) * 1024  # the file counts kB (KiB)
-    return fields if len(fields) == 2 else None
 
 
 def human_bytes(n: int) -> str:
@@ -217,7 +202,9 @@ def _memory_lines(info: dict) -> list[str]:
     if reads is not None and (memory is None or not memory["weights_fit_MemAvailable"]):
         embedding = ("the tied embedding is the LM head" if info["architecture"]["tie_word_embeddings"]
                      else "of the embedding table, only the tokens' rows")
-        lines.append(f"disk reads      the weights do not fit: prompts run layer-major, reading "
+        # with memory unknown, load_model keeps the chunk-by-chunk order unless told (--layer-major on)
+        when = "if they do not fit (--layer-major on)" if memory is None else "the weights do not fit"
+        lines.append(f"disk reads      {when}: prompts run layer-major, reading "
                      f"{human_bytes(reads['per_prompt'])} per prompt (each layer once for all its chunks), and "
                      f"{human_bytes(reads['per_generated_token'])} per generated token (every weight; {embedding})")
     return lines

@@ -14,23 +14,26 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 MADV_COLD = 20  # Linux 5.4: deactivate these pages; Python's mmap module does not name it
-_MEMINFO = "/proc/meminfo"
+MEMINFO = Path("/proc/meminfo")
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel can hand out without swapping (MemAvailable: free plus reclaimable cache)."""
+def read_meminfo(path: Path = MEMINFO) -> dict[str, int] | None:
+    """MemTotal and MemAvailable in bytes, from /proc/meminfo; None where it is missing (not Linux)."""
     try:
-        with open(_MEMINFO) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None  # not Linux
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in ("MemTotal", "MemAvailable") and value.split():
+            fields[name] = int(value.split()[0]) * 1024  # the file counts kB (KiB)
+    return fields if len(fields) == 2 else None
 
 
 def fits(weight_bytes: int, available: int) -> bool:
@@ -38,10 +41,11 @@ def fits(weight_bytes: int, available: int) -> bool:
     return weight_bytes <= 0.9 * available
 
 
-def fits_in_memory(weight_bytes: int) -> bool:
-    """`fits` in this machine's MemAvailable now (True where that cannot be read)."""
-    available = available_memory()
-    return available is None or fits(weight_bytes, available)
+def fits_in_memory(weight_bytes: int, meminfo: Path = MEMINFO) -> bool:
+    """`fits` in this machine's MemAvailable now; True where that cannot be read (the chunk-by-chunk
+    order, which needs no hints, is then kept unless asked for)."""
+    memory = read_meminfo(meminfo)
+    return memory is None or fits(weight_bytes, memory["MemAvailable"])
 
 
 def _mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:

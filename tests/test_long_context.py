@@ -84,7 +84,11 @@ def test_logits_at_positions_30000_to_32767_agree_with_transformers(end_of_conte
     model = load_model(model_dir, get_backend(backend_name))
     ours = model.forward(tokens, model.new_cache(len(tokens)))  # [T, V]
     report = compare_logits(ref, ours)
-    assert report.max_abs_diff <= report.tolerance, report.summary()
+    # RoPE's float32 differences from transformers must stay a small part of the tolerance. Measured on an
+    # AVX-512 Xeon: 0.016-0.022 of it with theta 1e6; with theta 5e6 (Qwen1.5-4B), where PyTorch's float32
+    # pow rounds one near-tie the other way, 0.089 (numpy) and 0.099 (numba, another summation order).
+    # 0.2 leaves room for other CPUs' summation order and still fails the old frequencies (3.6x).
+    assert report.max_abs_diff <= 0.2 * report.tolerance, report.summary()
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * report.tolerance  # elsewhere either order is within tolerance
     assert clear.mean() > 0.9 and np.array_equal(ref.argmax(-1)[clear], ours.argmax(-1)[clear]), report.summary()
