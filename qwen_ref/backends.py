@@ -31,7 +31,9 @@ class Backend:
     attention: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]  # ([T,H,hd], [Hkv,cap,hd] x2, S) -> [T,H*hd]
     swiglu: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ([T,D], [F,D] x2) -> [T,F]
     # optional: the decoder layers of a one-token step in one call (see jitkernels.decode.DecoderStack);
-    # (per-layer weight dicts, H, Hkv, eps) -> a callable (x [1,D], keys, values, past, cos, sin) -> [1,D]
+    # (per-layer weight dicts, H, Hkv, eps) -> a callable (x [1,D], keys, values, past, cos, sin) -> [1,D].
+    # A backend that wraps another's operations (rounding or timing them) sets it to None, so that its
+    # own operations are the ones that run (QwenModel.fused_decode).
     decoder_stack: Callable | None = None
 
 

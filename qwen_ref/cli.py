@@ -28,7 +28,7 @@ from qwen_ref.options import (
     layer_major,
     positive_int,
 )
-from qwen_ref.profile import Profile, profiled_backend
+from qwen_ref.profile import Profile
 from qwen_ref.progress import prefill_bar
 from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
@@ -135,7 +135,7 @@ def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
               "prompts run layer-major, each layer read once per prompt", file=sys.stderr)
     if getattr(args, "profile", None) is not None:
-        model.backend = profiled_backend(model.backend, model.weights, model.config.tie_word_embeddings, args.profile)
+        model.recorder = args.profile
     tokenizer = Tokenizer.from_model_dir(args.model)
     return model, tokenizer, time.perf_counter() - started
 

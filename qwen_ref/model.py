@@ -1,7 +1,8 @@
 """The Qwen2ForCausalLM forward pass, written once against the operations of a backend.
 
-Each line names the intermediate after llama.cpp's Qwen2 graph (attn_norm, Qcur, Kcur, Vcur,
-kqv_out, ffn_inp, ffn_norm, ffn_out, l_out, result_norm) so the two can be compared layer by layer.
+Each intermediate is named after llama.cpp's Qwen2 graph (attn_norm, Qcur, Kcur, Vcur, kqv_out,
+ffn_inp, ffn_norm, ffn_out, l_out, result_norm) and handed under that name to the model's recorder,
+if one is set (`qwen_ref.trace`): `qwen-ref trace` and `--profile` both listen there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from qwen_ref.memory import keep_freed_memory
 from qwen_ref.paging import LayerPager, fits_in_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
+from qwen_ref.trace import Recorder
 from qwen_ref.weights import load_weights, to_float32
 
 # Which rows of a forward call get logits: a slice of range(T), step 1, negative ends counted from T.
@@ -45,13 +47,26 @@ class QwenModel:
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = weights[head]  # [V, D]
         # the layers of a one-token step in one call, where the backend has that (numba): the same
-        # operations as _decoder_layer without Python between them. Only with this backend: one swapped
-        # in later (timing or recording each operation) runs them one by one.
-        self.stack_backend = backend
+        # operations as _decoder_layer without Python between them (see `fused_decode`)
         self.decoder_stack = None if backend.decoder_stack is None else backend.decoder_stack(
             [self._layer_weights(i) for i in range(config.num_hidden_layers)],
             config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
         self.pager: LayerPager | None = None  # set by use_layer_major: prompts then run layer by layer
+        self.recorder: Recorder | None = None  # given every named intermediate when set (qwen_ref.trace)
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether one-token steps run `decoder_stack` instead of `_decoder_layer` layer by layer.
+
+        Only when nothing records the intermediates (the fused kernel has no Python between them to
+        hand them out) and the backend still offers a stack: a backend that wraps another's operations
+        (rounding or timing them) sets `decoder_stack=None`, so its operations are the ones that run.
+        """
+        return self.decoder_stack is not None and self.backend.decoder_stack is not None and self.recorder is None
+
+    def _record(self, name: str, layer: int | None, value: np.ndarray) -> None:
+        if self.recorder is not None:
+            self.recorder.record(name, layer, value)
 
     def use_layer_major(self, on: bool) -> None:
         """Run prompts layer-major (`decoder_layers_layer_major`), reading each layer ahead as the last one ends."""
@@ -81,7 +96,8 @@ class QwenModel:
 
         Row t of the logits is the distribution of the token that follows tokens[t]. Only the selected
         rows go through the final norm and the LM head ([T, V] for a long prompt would be far larger
-        than the cache).
+        than the cache). A one-token step runs every layer in one call where `fused_decode` allows;
+        everything else runs `_decoder_layer` layer by layer.
         """
         tokens = self._checked(tokens)  # [T]
         cache.reserve(len(tokens))
@@ -89,7 +105,8 @@ class QwenModel:
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
 
         x = to_float32(self.weights["model.embed_tokens.weight"][tokens])  # inp_embd [T, D]
-        if len(tokens) == 1 and self.decoder_stack is not None and self.backend is self.stack_backend:
+        self._record("inp_embd", None, x)
+        if len(tokens) == 1 and self.fused_decode:
             x = self.decoder_stack(x, cache.keys, cache.values, past, cos, sin)  # every _decoder_layer below
         else:
             for i in range(self.config.num_hidden_layers):
@@ -116,6 +133,7 @@ class QwenModel:
         cos, sin = rope_cos_sin(np.arange(past, past + len(tokens)), self.inv_freq)  # [T, hd/2] each
 
         x = to_float32(self.weights["model.embed_tokens.weight"][tokens])  # inp_embd [T, D]
+        self._record("inp_embd", None, x)
         done = 0  # tokens through one layer, of T * L
         for i in range(n_layers):
             if self.pager is not None:
@@ -149,9 +167,12 @@ class QwenModel:
             return np.empty((0, cfg.vocab_size), dtype=np.float32)  # [0, V]
         start = max(0, min(wanted.start, wanted.stop - _LM_HEAD_MIN_ROWS))
         stop = min(len(x), max(wanted.stop, start + _LM_HEAD_MIN_ROWS))
+        keep = slice(wanted.start - start, wanted.stop - start)  # the wanted rows among the n'
         x = ops.rms_norm(x[start:stop], self.weights["model.norm.weight"], cfg.rms_norm_eps)  # result_norm [n', D]
-        logits = ops.linear(x, self.lm_head, None)  # result_output [n', V]
-        return logits[wanted.start - start : wanted.stop - start]  # [n, V]
+        self._record("result_norm", None, x[keep])
+        logits = ops.linear(x, self.lm_head, None)[keep]  # result_output [n, V]
+        self._record("result_output", None, logits)
+        return logits
 
     def _decoder_layer(
         self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache, past: int
@@ -160,30 +181,50 @@ class QwenModel:
 
         `jitkernels.decode` repeats this layer for one-token steps on the numba backend: change both.
         """
-        cfg, W, ops = self.config, self.weights, self.backend
+        cfg, W, ops, record = self.config, self.weights, self.backend, self._record
         T, H, Hkv, hd = len(x), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         p = f"model.layers.{i}."
 
         h = ops.rms_norm(x, W[p + "input_layernorm.weight"], cfg.rms_norm_eps)  # attn_norm [T, D]
+        record("attn_norm", i, h)
         a = p + "self_attn."
-        q, k, v = ops.linears(  # Qcur [T, H*hd], Kcur and Vcur [T, Hkv*hd]: one pass over the three weights
+        q, k, v = ops.linears(  # one pass over the three weights
             h,
             (W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"]),
             (W[a + "q_proj.bias"], W[a + "k_proj.bias"], W[a + "v_proj.bias"]),
         )
-        q = ops.apply_rope(q.reshape(T, H, hd), cos, sin)  # [T, H, hd]
-        k = ops.apply_rope(k.reshape(T, Hkv, hd), cos, sin)  # [T, Hkv, hd]
+        q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)  # Qcur, Kcur, Vcur
+        record("Qcur", i, q)
+        record("Kcur", i, k)
+        record("Vcur", i, v)
+        q = ops.apply_rope(q, cos, sin)  # Qcur_rope [T, H, hd]
+        record("Qcur_rope", i, q)
+        k = ops.apply_rope(k, cos, sin)  # Kcur_rope [T, Hkv, hd]
+        record("Kcur_rope", i, k)
 
         end = past + T
-        cache.write(i, past, k.transpose(1, 0, 2), v.reshape(T, Hkv, hd).transpose(1, 0, 2))  # [Hkv, T, hd] each
+        cache.write(i, past, k.transpose(1, 0, 2), v.transpose(1, 0, 2))  # [Hkv, T, hd] each
         attn = ops.attention(q, cache.keys[i], cache.values[i], end)  # kqv_out [T, H*hd]
-        x = x + ops.linear(attn, W[a + "o_proj.weight"], None)  # ffn_inp [T, D]
+        record("kqv_out", i, attn)
+        attn_out = ops.linear(attn, W[a + "o_proj.weight"], None)  # attn_out [T, D]
+        record("attn_out", i, attn_out)
+        x = x + attn_out  # ffn_inp [T, D]
+        record("ffn_inp", i, x)
 
         h = ops.rms_norm(x, W[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)  # ffn_norm [T, D]
+        record("ffn_norm", i, h)
         m = p + "mlp."
-        act = ops.swiglu(h, W[m + "gate_proj.weight"], W[m + "up_proj.weight"])  # silu(ffn_gate) * ffn_up [T, F]
+        if self.recorder is not None:  # swiglu fuses gate_proj and up_proj: made again here, for the record only
+            for name, weight in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj")):
+                if self.recorder.wants(name, i):
+                    record(name, i, ops.linear(h, W[f"{m}{weight}.weight"], None))  # [T, F]
+        act = ops.swiglu(h, W[m + "gate_proj.weight"], W[m + "up_proj.weight"])  # ffn_act [T, F]
+        record("ffn_act", i, act)
         ffn_out = ops.linear(act, W[m + "down_proj.weight"], None)  # ffn_out [T, D]
-        return x + ffn_out  # l_out [T, D]
+        record("ffn_out", i, ffn_out)
+        x = x + ffn_out  # l_out [T, D]
+        record("l_out", i, x)
+        return x
 
 
 def load_model(

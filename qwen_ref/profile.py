@@ -1,29 +1,57 @@
-"""`--profile`: where a run's time goes, by operation class, printed on stderr afterwards.
+"""`--profile`: where a run's time goes, by operation, printed on stderr afterwards.
 
-The backend's operations are wrapped with timers; matrix products are named after the weight they
-read (q_proj, gate_proj, lm_head ...), so a reader sees which tensor costs what. Nothing is timed
-unless --profile asks for it.
+A `Profile` is a model's recorder (`qwen_ref.trace`): the forward pass hands it each named
+intermediate as it is made, and the time since the previous one is charged to the operation that
+made it (attn_norm: rms_norm; Qcur: the q/k/v projections; kqv_out: the KV cache write and
+attention; ...). The operations are synchronous, so the time between two names is the time of the
+work between them. A model with a recorder runs decode steps layer by layer rather than in one fused
+call (`QwenModel.fused_decode`), a few percent slower.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
 
-from qwen_ref.backends import Backend
+# The work charged to each intermediate: what ran between the previous name and this one. Names not
+# listed (Kcur, Vcur: made by the call that made Qcur) leave the clock running to the next name.
+OPERATIONS = {
+    "attn_norm": "rms_norm", "ffn_norm": "rms_norm", "result_norm": "rms_norm",
+    "Qcur": "matmul q_proj+k_proj+v_proj",
+    "Qcur_rope": "rope", "Kcur_rope": "rope",
+    "kqv_out": "attention (with the KV cache write)",
+    "attn_out": "matmul o_proj",
+    "ffn_inp": "residual add", "l_out": "residual add",
+    "ffn_act": "matmul gate_proj+up_proj silu",
+    "ffn_out": "matmul down_proj",
+    "result_output": "matmul lm_head",
+}
 
 
 class Profile:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._last = time.perf_counter()
+
+    def wants(self, name: str, layer: int | None) -> bool:
+        """Nothing beyond what the forward pass makes anyway (no ffn_gate/ffn_up of their own)."""
+        return name in OPERATIONS
+
+    def record(self, name: str, layer: int | None, value: np.ndarray) -> None:
+        now = time.perf_counter()
+        if name == "inp_embd":  # a forward call starts: what came before it is not the model's
+            self._last = now
+        elif name in OPERATIONS:
+            self.seconds[OPERATIONS[name]] += now - self._last
+            self.calls[OPERATIONS[name]] += 1
+            self._last = now
 
     def timed(self, name: str, fn: Callable) -> Callable:
-        """`fn`, adding its wall time to `name`."""
+        """`fn`, adding its wall time to `name` (for work outside the model, such as sampling)."""
 
         def run(*args):
             started = time.perf_counter()
@@ -37,45 +65,10 @@ class Profile:
     def report(self, tokens: int) -> str:
         """A table, slowest first: total ms, share, ms per token over `tokens` tokens."""
         total = sum(self.seconds.values()) or 1.0
-        lines = [f"{'operation':<18} {'calls':>7} {'total ms':>10} {'share':>7} {'ms/token':>9}"]
+        lines = [f"{'operation':<38} {'calls':>7} {'total ms':>10} {'share':>7} {'ms/token':>9}"]
         for name, seconds in sorted(self.seconds.items(), key=lambda item: -item[1]):
             lines.append(
-                f"{name:<18} {self.calls[name]:>7} {seconds * 1e3:>10.1f} {seconds / total:>7.1%} "
+                f"{name:<38} {self.calls[name]:>7} {seconds * 1e3:>10.1f} {seconds / total:>7.1%} "
                 f"{seconds * 1e3 / max(tokens, 1):>9.3f}"
             )
         return "\n".join(lines)
-
-
-def _matmul_name(weight_name: str, tied: bool) -> str:
-    if weight_name == "lm_head.weight" or (tied and weight_name == "model.embed_tokens.weight"):
-        return "lm_head"
-    match = re.search(r"\.(\w+_proj)\.weight$", weight_name)
-    return match.group(1) if match else "other"
-
-
-def profiled_backend(backend: Backend, weights: dict[str, np.ndarray], tied: bool, profile: Profile) -> Backend:
-    """`backend` with every operation timed into `profile`. A model given it runs a decode step's
-    operations one by one, each timed, not in one call (`jitkernels.decode`): ~8% slower."""
-    names = {id(w): _matmul_name(name, tied) for name, w in weights.items()}
-
-    def matmuls(*ws: np.ndarray) -> str:
-        return "matmul " + "+".join(names.get(id(w), "other") for w in ws)
-
-    def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        return profile.timed(matmuls(w), backend.linear)(x, w, b)
-
-    def linears(x: np.ndarray, ws: tuple, bs: tuple) -> tuple:
-        return profile.timed(matmuls(*ws), backend.linears)(x, ws, bs)
-
-    def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
-        return profile.timed(matmuls(w_gate, w_up) + " silu", backend.swiglu)(x, w_gate, w_up)
-
-    return Backend(
-        backend.name,
-        linear=linear,
-        linears=linears,
-        rms_norm=profile.timed("rms_norm", backend.rms_norm),
-        apply_rope=profile.timed("rope", backend.apply_rope),
-        attention=profile.timed("attention", backend.attention),
-        swiglu=swiglu,
-    )

@@ -47,16 +47,7 @@ def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -
     if size < 8:
         raise QwenRefError(f"{path}: truncated safetensors file ({size} bytes)")
     data = np.frombuffer(map_file(path), dtype=np.uint8)  # read-only, zero-copy
-    (header_len,) = struct.unpack("<Q", data[:8].tobytes())
-    if header_len > min(_HEADER_LIMIT, size - 8):
-        raise QwenRefError(f"{path}: corrupt safetensors header (header length {header_len}, file size {size})")
-    try:
-        header = json.loads(data[8 : 8 + header_len].tobytes())
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
-        raise QwenRefError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
-    if not isinstance(header, dict):
-        raise QwenRefError(f"{path}: corrupt safetensors header (not a JSON object)")
-
+    header, header_len = _header(path, data)
     body = data[8 + header_len :]  # the tensors' bytes; data_offsets count from here
     entries = {
         name: _tensor_entry(info, dtypes, len(body), f"{path}: tensor {name!r}")
@@ -71,6 +62,32 @@ def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -
         except ValueError:  # sizes agree, so only an empty tensor with absurd dimensions gets here
             raise QwenRefError(f"{path}: tensor {name!r} has an unusable shape {_short(shape)}") from None
     return tensors
+
+
+
+def _header(path: Path, data: np.ndarray) -> tuple[dict, int]:
+    """The JSON header of a safetensors file's bytes, and its length; refused unless it is a JSON object."""
+    size = len(data)
+    (header_len,) = struct.unpack("<Q", data[:8].tobytes())
+    if header_len > min(_HEADER_LIMIT, size - 8):
+        raise QwenRefError(f"{path}: corrupt safetensors header (header length {header_len}, file size {size})")
+    try:
+        header = json.loads(data[8 : 8 + header_len].tobytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
+        raise QwenRefError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise QwenRefError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, header_len
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a .safetensors file's header ({} when it has none)."""
+    if path.stat().st_size < 8:
+        raise QwenRefError(f"{path}: truncated safetensors file ({path.stat().st_size} bytes)")
+    metadata = _header(path, np.frombuffer(map_file(path), dtype=np.uint8))[0].get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise QwenRefError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
+    return metadata
 
 
 def _short(value: object) -> str:

@@ -18,6 +18,7 @@ from helpers import random_checkpoint, small_config
 from qwen_ref.backends import get_backend
 from qwen_ref.kv_cache import KV_DTYPES
 from qwen_ref.model import LAST_ROW, QwenModel, load_model
+from qwen_ref.trace import Recorder
 
 
 @pytest.mark.parametrize(
@@ -66,11 +67,20 @@ def test_decoder_stack_matches_the_operations_bit_for_bit(tmp_path, dtype, shape
     np.testing.assert_array_equal(caches[0].values.view(bits), caches[1].values.view(bits))
 
 
-def test_decoder_stack_runs_only_with_the_backend_it_was_made_for(tmp_path):
-    """A backend swapped in later (one that times or records each operation) must see every operation."""
+def test_decoder_stack_steps_aside_for_a_wrapping_backend_or_a_recorder(tmp_path):
+    """A backend that wraps the operations (decoder_stack=None) and a recorder must each see every operation."""
     random_checkpoint(tmp_path, small_config())
     model = load_model(tmp_path, get_backend("numba"))
+    assert model.fused_decode
     seen = []
-    model.backend = dataclasses.replace(model.backend, rms_norm=lambda *args: seen.append(1) or get_backend("numba").rms_norm(*args))
+    model.backend = dataclasses.replace(model.backend, decoder_stack=None,
+                                        rms_norm=lambda *args: seen.append(1) or get_backend("numba").rms_norm(*args))
+    assert not model.fused_decode
     model.forward(np.array([1]), model.new_cache(4))
     assert len(seen) == 2 * model.config.num_hidden_layers + 1  # two per layer and the final norm
+
+    model = load_model(tmp_path, get_backend("numba"))
+    model.recorder = Recorder(names=["l_out"])
+    assert not model.fused_decode
+    model.forward(np.array([1]), model.new_cache(4))
+    assert list(model.recorder.tensors()) == [f"blk.{i}.l_out" for i in range(model.config.num_hidden_layers)]

@@ -165,5 +165,6 @@ def test_profile_reports_time_per_operation_on_stderr_only(text_model):
                       "--temperature", 0, "--json", "--profile")
     assert result.returncode == 0, result.stderr
     json.loads(result.stdout)  # stdout stays one JSON object
-    for operation in ("matmul lm_head", "matmul q_proj+k_proj+v_proj", "matmul gate_proj+up_proj silu", "matmul down_proj", "attention", "rms_norm", "sampling"):
+    for operation in ("matmul lm_head", "matmul q_proj+k_proj+v_proj", "matmul gate_proj+up_proj silu",
+                      "matmul down_proj", "attention", "rms_norm", "rope", "sampling"):
         assert operation in result.stderr

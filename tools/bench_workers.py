@@ -423,6 +423,7 @@ class OpTimer:
 
         return dataclasses.replace(
             inner,
+            decoder_stack=None,  # each operation runs (and is timed) on its own
             linear=self._wrap(inner.linear, cost_linear),
             linears=self._wrap(inner.linears, cost_linears),
             swiglu=self._wrap(inner.swiglu, cost_swiglu),
