@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import compare, info, perplexity
+from qwen_ref import __version__, compare, info, perplexity
 from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -28,7 +28,21 @@ from qwen_ref.options import (
     layer_major,
     positive_int,
 )
+from qwen_ref.fingerprint import checkpoint_hash
+from qwen_ref.paging import fits_in_memory
 from qwen_ref.profile import Profile
+from qwen_ref.trace import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    LAYER_NAMES,
+    Recorder,
+    Trace,
+    parse_layers,
+    parse_names,
+    save_trace,
+    values_per_position,
+)
+from qwen_ref.weights import weights_dtype
 from qwen_ref.progress import prefill_bar
 from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
@@ -95,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the logits of positions A to B-1 only: 0-based, the Python slice [A:B], either "
                            "end may be left out or negative (write --positions=-8: for a negative A) "
                            "(default: every position)")
+
+    trace = commands.add_parser(
+        "trace", help="write the named intermediates of a prompt's forward pass (llama.cpp's Qwen2 names)",
+        description="Run the prompt through the model and write every selected intermediate, keyed inp_embd, "
+                    "blk.N.NAME (N the layer; NAME one of " + ", ".join(LAYER_NAMES) + "), result_norm and "
+                    "result_output, each float32 with the prompt's positions first, plus metadata (qwen-ref "
+                    "version, backend, weights dtype, checkpoint sha256, token ids). `qwen-ref compare` "
+                    "takes two traces and names the first operation where they part.")
+    _add_model_args(trace)
+    add_prompt_arguments(trace)
+    trace.add_argument("--out", required=True, type=Path, help="output trace, .safetensors or .npz")
+    trace.add_argument("--layers", metavar="A-B,C", help="layers to record, 0-based, ranges inclusive (default: all)")
+    trace.add_argument("--names", metavar="PATTERNS",
+                       help="comma-separated fnmatch patterns of names to record, e.g. 'Qcur*,l_out' (default: all)")
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_args(gen)
@@ -196,6 +224,45 @@ def _run_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_trace(args: argparse.Namespace) -> int:
+    if args.out.suffix not in (".safetensors", ".npz"):
+        raise QwenRefError(f"--out {args.out}: a trace is written as .safetensors or .npz")
+    model, tokenizer, _ = _load(args)
+    tokens = _prompt_tokens(args, model, tokenizer)
+    check_context(model, len(tokens), 0)
+    cfg = model.config
+    layers = None if args.layers is None else parse_layers(args.layers, cfg.num_hidden_layers)
+    recorder = Recorder(layers, None if args.names is None else parse_names(args.names))
+    per_position = sum(
+        values_per_position(name, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
+                            cfg.intermediate_size, cfg.vocab_size)
+        for layer in [None, *range(cfg.num_hidden_layers)]
+        for name in ((*FIRST_NAMES, *LAST_NAMES) if layer is None else LAYER_NAMES)
+        if recorder.wants(name, layer)
+    )
+    size = 4 * per_position * len(tokens)  # float32, held in memory until written
+    if not fits_in_memory(size + model.weight_bytes()):
+        raise QwenRefError(f"the trace would hold {size / 1e9:.1f} GB, more than available memory beside the "
+                           "weights: select fewer layers (--layers) or names (--names)")
+    model.recorder = recorder
+    bar = prefill_bar(len(tokens), args.prefill_chunk, args.quiet)
+    prefill(model, tokens, model.new_cache(len(tokens)), ALL_ROWS, args.prefill_chunk, bar)
+    metadata = {
+        "source": "qwen-ref", "qwen_ref_version": __version__, "backend": model.backend.name,
+        "weights_dtype": weights_dtype(model.weights), "kv_dtype": model.kv_dtype,
+        "checkpoint_sha256": checkpoint_hash(args.model), "tokens": json.dumps(tokens),
+    }
+    tensors = recorder.tensors()
+    try:
+        save_trace(args.out, Trace(tensors, metadata))
+    except OSError as exc:
+        raise QwenRefError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    if not args.quiet:
+        print(f"wrote {len(tensors)} tensors ({sum(t.nbytes for t in tensors.values()) / 1e6:.1f} MB) of "
+              f"{len(tokens)} positions to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     model, tokenizer, load_seconds = _load(args)
     prompt = _prompt_tokens(args, model, tokenizer)
@@ -281,7 +348,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate, "chat": _run_chat,
+    "selfcheck": _run_selfcheck, "logits": _run_logits, "trace": _run_trace, "generate": _run_generate, "chat": _run_chat,
     "compare": compare.run, "perplexity": perplexity.run, "info": info.run,
 }
 

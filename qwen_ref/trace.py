@@ -101,6 +101,36 @@ def input_keys(key: str) -> tuple[str, ...]:
     return tuple(previous if n == "l_out-1" else trace_key(n, layer) for n in INPUTS[name])
 
 
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """`--layers`: layer numbers and ranges separated by commas ("0-3,7"), 0-based, ranges inclusive."""
+    layers: set[int] = set()
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not match:
+            raise QwenRefError(f"--layers: {item.strip()!r} is not a layer or a range A-B (e.g. 0-3,7)")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first > last or last >= n_layers:
+            raise QwenRefError(f"--layers: {item.strip()!r} is not within the model's layers 0-{n_layers - 1}")
+        layers.update(range(first, last + 1))
+    return sorted(layers)
+
+
+def parse_names(text: str) -> list[str]:
+    """`--names`: fnmatch patterns separated by commas ("Qcur*,l_out"), each matching at least one trace name."""
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    every = FIRST_NAMES + LAYER_NAMES + LAST_NAMES
+    for pattern in patterns:
+        if not fnmatch.filter(every, pattern):
+            raise QwenRefError(f"--names: {pattern!r} matches no trace name (names: {', '.join(every)})")
+    return patterns
+
+
+def values_per_position(name: str, H: int, Hkv: int, hd: int, D: int, F: int, V: int) -> int:
+    """How many float32 values the tensor `name` holds per position (for the size of a trace before it runs)."""
+    return {"Qcur": H * hd, "Qcur_rope": H * hd, "kqv_out": H * hd, "Kcur": Hkv * hd, "Kcur_rope": Hkv * hd,
+            "Vcur": Hkv * hd, "ffn_gate": F, "ffn_up": F, "ffn_act": F, "result_output": V}.get(name, D)
+
+
 class Recorder:
     """The hook `QwenModel` calls with every named intermediate; keeps those `layers` and `names` select.
 

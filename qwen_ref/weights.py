@@ -36,6 +36,11 @@ def to_float32(w: np.ndarray) -> np.ndarray:
     return w.astype(np.float32, copy=False)
 
 
+def weights_dtype(weights: dict[str, np.ndarray]) -> str:
+    """The safetensors name (F32, F16, BF16) of the dtype the weights are stored in: one per checkpoint."""
+    return _DTYPE_NAMES[next(iter(weights.values())).dtype]
+
+
 def read_safetensors(path: Path, dtypes: dict[str, np.dtype] = _STORED_DTYPES) -> dict[str, np.ndarray]:
     """Every tensor of one .safetensors file as a read-only view of a memory map.
 
