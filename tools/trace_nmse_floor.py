@@ -2,8 +2,10 @@
 
     python tools/trace_nmse_floor.py
 
-Below it: the NMSE between two correct implementations, the numpy and the numba backend, whose
-float32 sums run in different orders (the noise floor, the max over every tensor of a trace). Above
+Below it: the NMSE between correct implementations whose float32 sums run in different orders, the
+numpy and the numba backend, and transformers where it is installed (the noise floor, the max over
+every tensor of a trace; transformers' intermediates are caught by module hooks, so its trace lacks
+the RoPE outputs and ffn_inp, which no module returns). Above
 it: one operation broken in one layer (`BREAKAGES`), the culprit's NMSE. The models are random
 but Qwen-like in scale (`qwen_like_weights`): the subtlest breakage, RMSNorm eps 1e-6 -> 1e-5, shows
 only where activations are small, as Qwen's are (embeddings of std ~0.02). tests/test_trace_diff.py
@@ -67,6 +69,44 @@ def record(model: QwenModel, tokens: list[int]) -> Trace:
     model.forward(np.array(tokens), model.new_cache(len(tokens)))
     tensors, model.recorder = model.recorder.tensors(), None
     return Trace(tensors, {"backend": model.backend.name, "tokens": json.dumps(tokens)})
+
+
+def transformers_trace(config: dict, weights: dict[str, np.ndarray], tokens: list[int]) -> Trace:
+    """The same forward pass in transformers' Qwen2ForCausalLM (eager attention, float32), hooked module by module."""
+    import torch
+    import transformers
+
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
+    model.set_attn_implementation("eager")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    tensors: dict[str, np.ndarray] = {}
+
+    def keep(key: str, heads: int | None = None, take_input: bool = False):
+        def hook(module, inputs, output):
+            value = inputs[0] if take_input else output[0] if isinstance(output, tuple) else output
+            value = value[0].detach().numpy()  # [T, ...] of the batch of one
+            tensors[key] = value.reshape(len(value), heads, -1) if heads else value
+
+        return hook
+
+    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
+    model.model.embed_tokens.register_forward_hook(keep("inp_embd"))
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for module, key, kwargs in (
+            (layer.input_layernorm, "attn_norm", {}), (attn.q_proj, "Qcur", {"heads": H}),
+            (attn.k_proj, "Kcur", {"heads": Hkv}), (attn.v_proj, "Vcur", {"heads": Hkv}),
+            (attn.o_proj, "kqv_out", {"take_input": True}), (attn.o_proj, "attn_out", {}),
+            (layer.post_attention_layernorm, "ffn_norm", {}), (mlp.gate_proj, "ffn_gate", {}),
+            (mlp.up_proj, "ffn_up", {}), (mlp.down_proj, "ffn_act", {"take_input": True}),
+            (mlp.down_proj, "ffn_out", {}), (layer, "l_out", {}),
+        ):
+            module.register_forward_hook(keep(f"blk.{i}.{key}", **kwargs))
+    model.model.norm.register_forward_hook(keep("result_norm"))
+    model.lm_head.register_forward_hook(keep("result_output"))
+    with torch.no_grad():
+        model.eval()(torch.tensor([tokens]))
+    return Trace(tensors, {"backend": "transformers", "tokens": json.dumps(tokens)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,17 +191,27 @@ def main() -> None:
         "D256 L6 GQA 4/2 hd64": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 6,
                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
     }
+    try:
+        import transformers  # noqa: F401
+        others = ("numba", "transformers")
+    except ImportError:
+        others = ("numba",)
     print(f"default --max-nmse {DEFAULT_MAX_NMSE:.0e}")
     for label, shape in shapes.items():
-        config = QwenConfig.from_dict({"model_type": "qwen2", "max_position_embeddings": 256, "rope_theta": 1e6,
-                                       "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **shape})
+        settings = {"max_position_embeddings": 256, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": False, **shape}
+        config = QwenConfig.from_dict({"model_type": "qwen2", **settings})
         weights = qwen_like_weights(config)
         for T in (16, 32):
             tokens = [int(t) for t in np.random.default_rng(T).integers(0, config.vocab_size, T)]
             ref = record(QwenModel(config, weights, get_backend("numpy")), tokens)
-            noise = diff_traces(ref, record(QwenModel(config, weights, get_backend("numba")), tokens))
-            worst = max(noise.tensors.values(), key=lambda d: d.nmse)
-            print(f"{label}, T={T}: numpy vs numba, max NMSE {worst.nmse:.2e} ({worst.key})")
+            for other in others:
+                trace = (transformers_trace(settings, weights, tokens) if other == "transformers"
+                         else record(QwenModel(config, weights, get_backend(other)), tokens))
+                noise = diff_traces(ref, trace)
+                worst = max(noise.tensors.values(), key=lambda d: d.nmse)
+                print(f"{label}, T={T}: numpy vs {other}, max NMSE {worst.nmse:.2e} ({worst.key}) over "
+                      f"{len(noise.tensors)} tensors")
             for name, (brk, expected) in BREAKAGES.items():
                 model = QwenModel(config, weights, get_backend("numpy"))
                 brk(model)
