@@ -314,7 +314,9 @@ def plot(diff: TraceDiff, path: Path) -> None:
     """A PNG of NMSE per layer, one line per name, on a log scale, with the threshold and the culprit marked."""
     try:
         # no pyplot: no global figure state, no display backend
+        from matplotlib import colormaps
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise QwenRefError("--plot needs matplotlib: pip install 'qwen-ref[plot]'") from None
     finite = [d.nmse for d in diff.tensors.values() if 0 < d.nmse < math.inf]
@@ -322,6 +324,8 @@ def plot(diff: TraceDiff, path: Path) -> None:
     ceiling = max([*finite, diff.max_nmse]) * 10  # where non-finite values (NMSE inf) are drawn
     fig = Figure(figsize=(10, 6))
     ax = fig.add_subplot()
+    ax.set_prop_cycle(color=colormaps["tab20"].colors)  # a colour of its own for each of the 15 names
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name in LAYER_NAMES:
         points = [(parse_key(k)[1], min(max(d.nmse, floor), ceiling)) for k, d in diff.tensors.items()
                   if parse_key(k)[0] == name]
@@ -429,10 +433,10 @@ def run(args: argparse.Namespace) -> int:
     diff = diff_traces(reference, other, max_nmse)
     if not diff.tensors:
         raise QwenRefError(f"{paths[0]} and {paths[1]} hold no tensor in common")
+    if args.plot is not None:  # first: a missing matplotlib is an error, not a report followed by one
+        plot(diff, args.plot)
     if args.json:
         print(json.dumps(to_dict(diff, reference, other, paths)))
     else:
         print(describe(diff, reference, other, paths))
-    if args.plot is not None:
-        plot(diff, args.plot)
     return 0 if diff.culprit is None else 1

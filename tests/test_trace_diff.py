@@ -255,3 +255,9 @@ def test_plot_writes_a_png(checkpoint, reference, tmp_path, capsys):
     save_trace(broken, _trace(checkpoint, breakage="SwiGLU gate and up swapped"))
     assert _compare(capsys, reference, broken, "--plot", png)[0] == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000  # a drawn figure, not a stub
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(reference, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, out, err = _compare(capsys, reference, reference, "--plot", tmp_path / "nmse.png")
+    assert code == 2 and out == "" and err.strip() == "qwen-ref: error: --plot needs matplotlib: pip install 'qwen-ref[plot]'"
