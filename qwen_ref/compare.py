@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_ref import trace_diff
 from qwen_ref.errors import QwenRefError
 from qwen_ref.weights import read_safetensors, to_float32
 
@@ -373,10 +374,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                         help="absolute tolerance added to it (default: %(default)g)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every statistic")
+    # two trace files instead of logits: the trace diff's own options (qwen_ref.trace_diff)
+    trace_diff.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """`qwen-ref compare`: 0 when B passes, 1 when it does not (2 comes from QwenRefError)."""
+    # two trace files go to the trace diff (qwen_ref.trace_diff), a trace and a logits file are refused there
+    if (code := trace_diff.run_if_traces(args)) is not None:
+        return code
     if not (args.rtol >= 0 and args.atol >= 0):  # also refuses NaN
         raise QwenRefError(f"--rtol and --atol must be non-negative, got {args.rtol} and {args.atol}")
     a, b = load_logits_file(args.reference), load_logits_file(args.other)
