@@ -48,7 +48,7 @@ def qwen_ref_trace(llamacpp, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("llamacpp") / "tiny-f32"
     make_checkpoint.write_checkpoint(model_dir, make_checkpoint.config_json("tiny", "float32"), seed=0)
     info = json.loads((SAMPLE / "sample.json").read_text())
-    assert checkpoint_hash(model_dir) == info["checkpoint_sha256"], "make_checkpoint no longer makes the sample's weights"
+    assert checkpoint_hash(model_dir) == info["checkpoint_sha256"], "make_checkpoint no longer makes these weights"
     model = load_model(model_dir)
     model.recorder = Recorder()
     tokens = json.loads(llamacpp.metadata["tokens"])
