@@ -13,6 +13,11 @@ a trace does not hold are replaced by their nearest held ancestors (the report s
 Missing values: when B's metadata says `"missing_values": "nan"` (an engine that prints some values
 of each tensor only), NaN in B means "not printed" and the statistics use the entries B has. Otherwise
 every NaN or inf, in A or B, is a real non-finite value and makes the tensor's NMSE infinite.
+
+Printed values: when B's metadata says `"value_decimals": "d"` (llama.cpp's eval-callback prints 4),
+each of B's values is off by up to h = 0.5e-d from printing alone, which adds up to h^2 / var(A) to a
+tensor's NMSE. A tensor then exceeds the threshold only above max_nmse + 4 h^2 / var(A) (`limit`): the
+4 covers the cross term of print and float32 errors, (p + f)^2 <= 2 p^2 + 2 f^2, twice.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class TensorDiff:
     compared: int  # entries compared: all of them, unless B leaves some out (missing_values = nan)
     nonfinite: int  # compared entries where A or B is NaN or inf: any makes nmse infinite
     nmse: float  # mean((A-B)^2) / var(A); see the module docstring for var(A) = 0
+    print_nmse: float  # h^2 / var(A), what B's printed decimals alone may add (0 for full float32 values)
     max_abs_diff: float
     max_abs_diff_at: tuple[int, ...]  # full index of that difference, position first
     cosine: float | None  # of the flattened tensors; None where values are non-finite
@@ -105,16 +111,22 @@ class TraceDiff:
     max_nmse: float
     culprit: Culprit | None  # None when every tensor is within max_nmse
 
+    def limit(self, key: str) -> float:
+        """The NMSE above which `key` exceeds the threshold: max_nmse, plus room for B's printed decimals."""
+        return self.max_nmse + 4 * self.tensors[key].print_nmse
+
     def exceeds(self, key: str) -> bool:
-        return not self.tensors[key].nmse <= self.max_nmse
+        return not self.tensors[key].nmse <= self.limit(key)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Statistics
 
 
-def tensor_diff(key: str, a: np.ndarray, b: np.ndarray, missing_is_nan: bool = False) -> TensorDiff:
-    """The statistics of B's tensor against A's (same shape, [T, ...]); NaN in B is skipped when `missing_is_nan`."""
+def tensor_diff(key: str, a: np.ndarray, b: np.ndarray, missing_is_nan: bool = False,
+                decimals: int | None = None) -> TensorDiff:
+    """The statistics of B's tensor against A's (same shape, [T, ...]); NaN in B is skipped when `missing_is_nan`;
+    B's values printed with `decimals` decimals, if given."""
     a, b = np.atleast_1d(a), np.atleast_1d(b)
     rows = max(1, _BLOCK_ELEMENTS // max(1, math.prod(a.shape[1:])))
 
@@ -137,9 +149,9 @@ def tensor_diff(key: str, a: np.ndarray, b: np.ndarray, missing_is_nan: bool = F
             first_bad = index(r0, int(np.argmax(bad)), bad.shape)
         total_a += float(x[mask & ~bad].sum())
     if nonfinite:
-        return TensorDiff(key, a.shape, compared, nonfinite, math.inf, math.inf, first_bad, None)
+        return TensorDiff(key, a.shape, compared, nonfinite, math.inf, 0.0, math.inf, first_bad, None)
     if compared == 0:
-        return TensorDiff(key, a.shape, 0, 0, 0.0, 0.0, (), None)
+        return TensorDiff(key, a.shape, 0, 0, 0.0, 0.0, 0.0, (), None)
 
     mean_a = total_a / compared
     sse = spread = dot = aa = bb = 0.0  # sums of (A-B)^2, (A-mean A)^2, A*B, A^2, B^2
@@ -153,20 +165,27 @@ def tensor_diff(key: str, a: np.ndarray, b: np.ndarray, missing_is_nan: bool = F
         flat = int(np.argmax(diff))
         if diff.flat[flat] > worst:
             worst, worst_at = float(diff.flat[flat]), index(r0, flat, diff.shape)
+    h = 0.0 if decimals is None else 0.5 * 10.0**-decimals  # B's print rounding, at most
     if spread > 0:
         nmse = sse / spread  # the two means' 1/n cancel
+        print_nmse = h * h * compared / spread
     else:
         nmse = 0.0 if sse == 0 else math.inf
+        print_nmse = 0.0
     if aa > 0 and bb > 0:
         cosine = dot / math.sqrt(aa * bb)
     else:
         cosine = 1.0 if aa == bb else 0.0  # both zero: the same vector; one zero: no direction in common
-    return TensorDiff(key, a.shape, compared, 0, nmse, worst, worst_at, cosine)
+    return TensorDiff(key, a.shape, compared, 0, nmse, print_nmse, worst, worst_at, cosine)
 
 
 def diff_traces(reference: Trace, other: Trace, max_nmse: float = DEFAULT_MAX_NMSE) -> TraceDiff:
     """Every tensor both traces hold compared, and the first culprit; QwenRefError when shapes differ."""
     missing_is_nan = other.metadata.get("missing_values") == "nan"
+    decimals = other.metadata.get("value_decimals")
+    if decimals is not None and not decimals.isdigit():
+        raise QwenRefError(f"the other trace's value_decimals is {decimals!r}, not a number of decimals")
+    decimals = None if decimals is None else int(decimals)
     tensors: dict[str, TensorDiff] = {}
     only_a = [k for k in reference.tensors if k not in other.tensors]
     for key in forward_order(set(reference.tensors) & set(other.tensors)):
@@ -174,7 +193,7 @@ def diff_traces(reference: Trace, other: Trace, max_nmse: float = DEFAULT_MAX_NM
         if a.shape != b.shape:
             raise QwenRefError(f"tensor {key!r} has shape {list(a.shape)} in the reference, {list(b.shape)} in "
                                "the other trace")
-        diff = tensor_diff(key, a, b, missing_is_nan)
+        diff = tensor_diff(key, a, b, missing_is_nan, decimals)
         if diff.compared == 0 and a.size:
             only_a.append(key)  # B printed none of its values
         else:
@@ -264,7 +283,11 @@ def describe(diff: TraceDiff, reference: Trace, other: Trace, paths: tuple[Path,
         used, size = sum(d.compared for d in partial), sum(math.prod(d.shape) for d in partial)
         lines.append(f"missing values B printed {used} of the {size} values of {len(partial)} tensors; "
                      "their statistics use those only")
-    lines += [f"threshold      NMSE <= {diff.max_nmse:.1e} (--max-nmse)", "",
+    threshold = f"threshold      NMSE <= {diff.max_nmse:.1e} (--max-nmse)"
+    if any(d.print_nmse for d in diff.tensors.values()):
+        threshold += (f", plus 4 h^2/var(A) for B's values printed with {other.metadata['value_decimals']} "
+                      "decimals (h half a unit in the last one)")
+    lines += [threshold, "",
               "NMSE = mean((A-B)^2) / var(A) per tensor (* the first culprit):", growth_table(diff), ""]
     if diff.culprit is None:
         worst = max(diff.tensors.values(), key=lambda d: d.nmse)

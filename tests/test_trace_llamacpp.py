@@ -156,3 +156,21 @@ def test_cli_writes_the_trace_and_lists_what_it_skips(sample_lines, tmp_path):
     written = load_trace(tmp_path / "l.safetensors")
     assert len(written.tensors) == 1 + 2 * len(LAYER_NAMES) + 2
     assert written.metadata["missing_values"] == "nan"
+
+
+def test_compare_passes_llamacpp_at_the_default_threshold_and_names_a_broken_bias(llamacpp, qwen_ref_trace):
+    """The printed decimals widen each tensor's limit (value_decimals): llama.cpp agrees with qwen-ref at the
+    float32 default, which the 4-decimal print alone would exceed at inp_embd; a k bias dropped from layer 1
+    of qwen-ref's side is still named."""
+    from qwen_ref.trace import Trace
+    from qwen_ref.trace_diff import diff_traces
+
+    reference = Trace(qwen_ref_trace, {})
+    assert diff_traces(reference, llamacpp).culprit is None
+    without_decimals = Trace(llamacpp.tensors, {k: v for k, v in llamacpp.metadata.items() if k != "value_decimals"})
+    assert diff_traces(reference, without_decimals).culprit.key == "inp_embd"
+
+    broken = dict(llamacpp.tensors)
+    broken["blk.1.Kcur"] = broken["blk.1.Kcur"] - 0.5  # a constant offset per entry, as a lost bias leaves
+    found = diff_traces(reference, Trace(broken, llamacpp.metadata)).culprit
+    assert found is not None and found.key == "blk.1.Kcur"

@@ -49,10 +49,11 @@ Recipe: llama.cpp against qwen-ref, tensor by tensor
   4. Parse it:       python tools/trace_llamacpp.py eval.txt --out llamacpp.safetensors
   5. qwen-ref's trace of the same tokens (they are in the output and in the trace's `tokens`), then compare:
          qwen-ref trace --model MODEL_DIR --tokens 9707,1879,11,419,374 --out qwen-ref.safetensors
-         qwen-ref compare qwen-ref.safetensors llamacpp.safetensors --max-nmse 1e-6
+         qwen-ref compare qwen-ref.safetensors llamacpp.safetensors
      llama.cpp prints 4 decimals, so agreeing entries differ by up to 5e-5 plus float error. That rounding
      alone is an NMSE of about 1e-8 / (12 var(A)): 5.9e-8 on the sample's embedding (values of std 0.125),
-     above compare's float32 default, hence --max-nmse (the metadata's `value_decimals` says 4).
+     above compare's float32 default; the metadata's `value_decimals` (4) tells compare to allow for it
+     tensor by tensor (qwen_ref/trace_diff.py).
 tests/data/llamacpp/ holds a real sample made this way (tools/make_llamacpp_sample.sh regenerates it).
 """
 

@@ -4,8 +4,8 @@
 
 Below it: the NMSE between correct implementations whose float32 sums run in different orders, the
 numpy and the numba backend, and transformers where it is installed (the noise floor, the max over
-every tensor of a trace; transformers' intermediates are caught by module hooks, so its trace lacks
-the RoPE outputs and ffn_inp, which no module returns). Above
+every tensor of a trace; transformers' intermediates are caught by tools/trace_transformers.py's
+hooks). Above
 it: one operation broken in one layer (`BREAKAGES`), the culprit's NMSE. The models are random
 but Qwen-like in scale (`qwen_like_weights`): the subtlest breakage, RMSNorm eps 1e-6 -> 1e-5, shows
 only where activations are small, as Qwen's are (embeddings of std ~0.02). tests/test_trace_diff.py
@@ -72,41 +72,18 @@ def record(model: QwenModel, tokens: list[int]) -> Trace:
 
 
 def transformers_trace(config: dict, weights: dict[str, np.ndarray], tokens: list[int]) -> Trace:
-    """The same forward pass in transformers' Qwen2ForCausalLM (eager attention, float32), hooked module by module."""
+    """The same forward pass in transformers' Qwen2ForCausalLM (eager attention, float32), hooked as
+    tools/trace_transformers.py hooks it."""
     import torch
     import transformers
+    from trace_transformers import record_transformers
 
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
     model.set_attn_implementation("eager")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    tensors: dict[str, np.ndarray] = {}
-
-    def keep(key: str, heads: int | None = None, take_input: bool = False):
-        def hook(module, inputs, output):
-            value = inputs[0] if take_input else output[0] if isinstance(output, tuple) else output
-            value = value[0].detach().numpy()  # [T, ...] of the batch of one
-            tensors[key] = value.reshape(len(value), heads, -1) if heads else value
-
-        return hook
-
-    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
-    model.model.embed_tokens.register_forward_hook(keep("inp_embd"))
-    for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for module, key, kwargs in (
-            (layer.input_layernorm, "attn_norm", {}), (attn.q_proj, "Qcur", {"heads": H}),
-            (attn.k_proj, "Kcur", {"heads": Hkv}), (attn.v_proj, "Vcur", {"heads": Hkv}),
-            (attn.o_proj, "kqv_out", {"take_input": True}), (attn.o_proj, "attn_out", {}),
-            (layer.post_attention_layernorm, "ffn_norm", {}), (mlp.gate_proj, "ffn_gate", {}),
-            (mlp.up_proj, "ffn_up", {}), (mlp.down_proj, "ffn_act", {"take_input": True}),
-            (mlp.down_proj, "ffn_out", {}), (layer, "l_out", {}),
-        ):
-            module.register_forward_hook(keep(f"blk.{i}.{key}", **kwargs))
-    model.model.norm.register_forward_hook(keep("result_norm"))
-    model.lm_head.register_forward_hook(keep("result_output"))
-    with torch.no_grad():
-        model.eval()(torch.tensor([tokens]))
-    return Trace(tensors, {"backend": "transformers", "tokens": json.dumps(tokens)})
+    recorder = Recorder()
+    metadata = record_transformers(model.eval(), tokens, recorder)
+    return Trace(recorder.tensors(), metadata)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,24 +27,16 @@ fnmatch patterns over the trace names. Needs only the `reference` extra (torch, 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this tree's qwen_ref, whatever is installed
 
+from qwen_ref.errors import QwenRefError
 from qwen_ref.fingerprint import checkpoint_hash
-from qwen_ref.trace import (
-    FIRST_NAMES,
-    LAST_NAMES,
-    LAYER_NAMES,
-    Recorder,
-    Trace,
-    save_trace,
-)
+from qwen_ref.trace import Recorder, Trace, parse_layers, parse_names, save_trace
 
 
 def record_transformers(model, tokens: list[int], recorder: Recorder) -> dict[str, str]:
@@ -135,30 +127,6 @@ def _attention_hooks(attn, layer: int, n_heads: int, n_kv: int, keep, recorder: 
     return hooks
 
 
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    """--layers: layer numbers and inclusive ranges separated by commas ("0-3,7"), 0-based."""
-    layers: set[int] = set()
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
-        if not match:
-            raise SystemExit(f"error: --layers: {item.strip()!r} is not a layer or a range A-B (e.g. 0-3,7)")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if first > last or last >= n_layers:
-            raise SystemExit(f"error: --layers: {item.strip()!r} is not within the model's layers 0-{n_layers - 1}")
-        layers.update(range(first, last + 1))
-    return sorted(layers)
-
-
-def parse_names(text: str) -> list[str]:
-    """--names: comma-separated fnmatch patterns, each matching at least one trace name."""
-    patterns = [p.strip() for p in text.split(",") if p.strip()]
-    every = FIRST_NAMES + LAYER_NAMES + LAST_NAMES
-    for pattern in patterns:
-        if not fnmatch.filter(every, pattern):
-            raise SystemExit(f"error: --names: {pattern!r} matches no trace name (names: {', '.join(every)})")
-    return patterns
-
-
 def load_float32_eager(model_dir: Path):
     """The checkpoint as transformers runs it for a trace: float32 weights (widened on load), eager attention."""
     import torch
@@ -184,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix not in (".safetensors", ".npz"):
         parser.error(f"--out {args.out}: a trace is written as .safetensors or .npz")
     model = load_float32_eager(args.model)
-    layers = None if args.layers is None else parse_layers(args.layers, model.config.num_hidden_layers)
-    recorder = Recorder(layers, None if args.names is None else parse_names(args.names))
+    try:
+        layers = None if args.layers is None else parse_layers(args.layers, model.config.num_hidden_layers)
+        recorder = Recorder(layers, None if args.names is None else parse_names(args.names))
+    except QwenRefError as exc:
+        parser.error(str(exc))
     metadata = record_transformers(model, tokens, recorder) | {"checkpoint_sha256": checkpoint_hash(args.model)}
     tensors = recorder.tensors()
     save_trace(args.out, Trace(tensors, metadata))
