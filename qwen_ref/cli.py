@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import __version__, compare, info, perplexity
+from qwen_ref import __version__, compare, info, perplexity, score
 from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare.add_arguments(commands.add_parser("compare", help="judge logits B against reference logits A"))
     perplexity.add_arguments(commands.add_parser("perplexity", help="perplexity of a text file, sliding window"))
+    score.add_arguments(commands.add_parser("score", help="log-likelihood of continuations given contexts (JSONL)"))
     info.add_arguments(commands.add_parser("info", help="architecture, parameter count and memory a checkpoint needs"))
     return parser
 
@@ -349,7 +350,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "selfcheck": _run_selfcheck, "logits": _run_logits, "trace": _run_trace, "generate": _run_generate, "chat": _run_chat,
-    "compare": compare.run, "perplexity": perplexity.run, "info": info.run,
+    "compare": compare.run, "perplexity": perplexity.run, "score": score.run, "info": info.run,
 }
 
 

@@ -79,3 +79,13 @@ class KVCache:
         end = start + k.shape[1]
         self.keys[layer, :, start:end] = round_to_kv_dtype(k, self.kv_dtype)
         self.values[layer, :, start:end] = round_to_kv_dtype(v, self.kv_dtype)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from position `length` on: the next forward pass writes there.
+
+        The slots past `length` keep their stale values until overwritten; attention reads only up
+        to the new tokens' end, so they are never seen.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate: length {length} outside 0..{self.length}")
+        self.length = length

@@ -26,3 +26,13 @@ def torch_reference():
         transformers = pytest.importorskip("transformers")
     torch.set_num_threads(os.cpu_count() or 1)
     return torch, transformers
+
+
+@pytest.fixture(scope="session")
+def matplotlib():
+    """matplotlib for the tests of --plot and heat maps; CI sets QWEN_REF_REQUIRE_PLOT=1 so they cannot skip."""
+    if os.environ.get("QWEN_REF_REQUIRE_PLOT") == "1":
+        import matplotlib
+    else:
+        matplotlib = pytest.importorskip("matplotlib")
+    return matplotlib

@@ -249,8 +249,7 @@ def test_trace_options_are_refused_for_logits_files(tmp_path):
 # --- the plot -----------------------------------------------------------------------------------------
 
 
-def test_plot_writes_a_png(checkpoint, reference, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_plot_writes_a_png(checkpoint, reference, tmp_path, capsys, matplotlib):
     broken, png = tmp_path / "broken.safetensors", tmp_path / "nmse.png"
     save_trace(broken, _trace(checkpoint, breakage="SwiGLU gate and up swapped"))
     assert _compare(capsys, reference, broken, "--plot", png)[0] == 1
