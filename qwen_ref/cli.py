@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import __version__, compare, info, perplexity
+from qwen_ref import __version__, compare, info, needle, perplexity
 from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(commands.add_parser("compare", help="judge logits B against reference logits A"))
     perplexity.add_arguments(commands.add_parser("perplexity", help="perplexity of a text file, sliding window"))
     info.add_arguments(commands.add_parser("info", help="architecture, parameter count and memory a checkpoint needs"))
+    needle.add_arguments(commands.add_parser("needle", help="needle in a haystack: retrieval by context length and depth"))
     return parser
 
 
@@ -349,7 +350,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "selfcheck": _run_selfcheck, "logits": _run_logits, "trace": _run_trace, "generate": _run_generate, "chat": _run_chat,
-    "compare": compare.run, "perplexity": perplexity.run, "info": info.run,
+    "compare": compare.run, "perplexity": perplexity.run, "info": info.run, "needle": needle.run,
 }
 
 
