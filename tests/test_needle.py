@@ -5,7 +5,9 @@ KV reuse against fresh prefills, one-line errors."""
 import json
 import re
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +220,17 @@ def test_a_haystack_file_replaces_the_packaged_text(builder, text_model, tmp_pat
     assert "Snow is cold.\n\nGrass is green." in text and "greenhouse is 4817" in text
     assert cell["needle_token"] == custom.build(128, 50).needle_start
     shutil.rmtree(tmp_path / "o")
+
+
+def test_bench_tool_runs_one_cell_and_writes_its_markdown(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    model, md = tmp_path / "tiny", tmp_path / "needle.md"
+    subprocess.run([sys.executable, str(repo / "tools" / "make_checkpoint.py"), "--shape", "tiny", "--out", str(model)],
+                   check=True, capture_output=True)
+    run = subprocess.run([sys.executable, str(repo / "tools" / "bench_needle_32k.py"), "--model", str(model),
+                          "--context", "200", "--depth", "50", "--md", str(md)], check=False, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = md.read_text()
+    assert "--contexts 200 --depths 50" in text and "| 200 | 50% | 0 |" in text and "of 200 (" in text
+    assert re.search(r"\| \d+\.\d\d GB \| [\d.]+ \+ [\d.]+ \+ 1\.07 = [\d.]+ GB \|", text)  # peak RSS and budget
