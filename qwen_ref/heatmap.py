@@ -54,7 +54,8 @@ def write_heatmap(path: Path, model_name: str, contexts: Sequence[int], depths: 
     colours = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # red low, green high; grey: not run yet
     fig, (left, right) = plt.subplots(1, 2, figsize=(6 + 1.6 * len(contexts), 1.5 + 0.55 * len(depths)),
                                       constrained_layout=True)
-    _panel(fig, left, colours, exact, contexts, depths, "Exact retrieval (greedy answer)", "Score (1 = found)", 0.0, 1.0, ".0f")
+    _panel(fig, left, colours, exact, contexts, depths, "Exact retrieval (greedy answer)", "Score (1 = found)",
+           0.0, 1.0, ".0f")
     finite = mean_logprob[np.isfinite(mean_logprob)]
     low = float(finite.min()) if finite.size else -1.0
     high = float(finite.max()) if finite.size else 0.0

@@ -1,18 +1,21 @@
-"""Needle in a haystack: can the model find one sentence hidden at a given depth of a long prompt?
+r"""Needle in a haystack: can the model find one sentence hidden at a given depth of a long prompt?
 
 The prompt of one cell (context C, depth d) is the checkpoint's chat template around one user message:
 
-    head                          haystack[:cut]  needle  haystack[cut:n]  tail
-    <|im_start|>system ... user\\n  filler text     " The access code ... 4817-2935."   ...  \\n\\nQUESTION<|im_end|>
-                                                                                       \\n<|im_start|>assistant\\n
+    head                               <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n
+    haystack[:cut]                     filler text, ending a sentence
+    needle                             " The access code for the blue greenhouse is 4817-2935."
+    haystack[cut:n]                    " Next sentence ..."
+    tail                               \n\nQUESTION<|im_end|>\n<|im_start|>assistant\n
 
 built by joining token ids, not by tokenizing one string, so that it is exactly C tokens long and the
 needle's position is known to the token: n = C - len(head) - len(needle) - len(tail) haystack tokens
 (the haystack text repeated as often as needed, cut off at n, maybe mid-sentence), and `cut` is the
 sentence boundary of the haystack (a token ending in . ! or ? before a token starting with a space; or
 0, or n) nearest to d% of n. At cut 0 the needle is a paragraph of its own ("...4817-2935.\n\n"),
-which may take a token more or fewer than " The access ... 4817-2935.", and n follows. The haystack is `data/haystack.txt`, prose written for this project (no third-party text;
-MIT like the rest), or --haystack FILE.
+which may take a token more or fewer than " The access ... 4817-2935.", and n follows. The haystack
+is `data/haystack.txt`, prose written for this project (no third-party text; MIT like the rest), or
+--haystack FILE.
 
 Two scores per cell:
 - exact: the greedy answer (up to --max-new-tokens, stopped early once the answer appears) contains
@@ -188,7 +191,9 @@ class Cell:
 
 def forced_answer_logprobs(model: QwenModel, cache: KVCache, last_logits: np.ndarray, reply: Sequence[int],
                            answer_from: int) -> np.ndarray:
-    """log p(reply[i] | prompt, reply[:i]) for the answer's tokens i >= answer_from [n]; leaves the reply in the cache."""
+    """log p(reply[i] | prompt, reply[:i]) for the answer's tokens i >= answer_from [n].
+
+    The reply's keys and values stay in the cache after the prompt's."""
     rows = [last_logits]  # [1, V]: predicts reply[0]
     if len(reply) > 1:
         rows.append(model.forward(np.array(reply[:-1]), cache, ALL_ROWS))  # [R-1, V]: row i predicts reply[i+1]
@@ -423,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         from qwen_ref.heatmap import write_heatmap
 
-        write_heatmap(args.out / HEATMAP, args.model.name, args.contexts, args.depths, exact, mean_logprob)
+        write_heatmap(args.out / HEATMAP, args.model.resolve().name, args.contexts, args.depths, exact, mean_logprob)
     if not args.quiet:
         print(f"wrote {path}" + ("" if args.no_plot else f" and {args.out / HEATMAP}"), file=sys.stderr)
     return 0

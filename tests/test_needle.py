@@ -143,8 +143,8 @@ def test_needle_prints_the_grid_and_writes_it_as_json(text_model, tmp_path, caps
     rows = out.split("log-likelihood of the answer")[1].splitlines()[2:5]
     for line, depth in zip(rows, (0, 50, 100)):
         printed = [float(x) for x in line.split()[1:]]
-        wanted = [next(c["answer_logprob_sum"] / 9 for c in saved["cells"] if (c["context"], c["depth"]) == (ctx, depth))
-                  for ctx in (128, 256)]
+        by_cell = {(c["context"], c["depth"]): c["answer_logprob_sum"] / 9 for c in saved["cells"]}
+        wanted = [by_cell[ctx, depth] for ctx in (128, 256)]
         assert printed == pytest.approx(wanted, abs=6e-4)
 
 

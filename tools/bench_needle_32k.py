@@ -33,8 +33,8 @@ DEFAULT_MODEL = REPO / "benchmarks" / "checkpoints" / "qwen1.5-0.5b-bfloat16"
 
 
 def host() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
+    lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "unknown CPU")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{model}, {len(os.sched_getaffinity(0))} cores available, {memory:.1f} GiB, {platform.platform()}"
 
@@ -87,7 +87,8 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
         f"| {args.context} | {args.depth:g}% | {code} | {int(wall // 60)} min {int(wall % 60)} s | "
         + (f"{cells[0]['seconds']:.0f} s" if cells else "-")
-        + f" | {peak / 1e9:.2f} GB | {weights / 1e9:.2f} + {kv / 1e9:.2f} + {2**30 / 1e9:.2f} = {budget / 1e9:.2f} GB |",
+        + f" | {peak / 1e9:.2f} GB | {weights / 1e9:.2f} + {kv / 1e9:.2f} + {2**30 / 1e9:.2f} = "
+        + f"{budget / 1e9:.2f} GB |",
         "",
         ("wall: the whole command (load, checkpoint hash, tokenizing, the kernels' first compile if the cache is "
          "cold, the cell); cell: prefill, the forced answer and the greedy answer (up to "
