@@ -74,13 +74,6 @@ class KVCache:
                 f"KV cache full: {self.length} tokens stored, {n_tokens} more do not fit in {self.capacity}"
             )
 
-    def truncate(self, length: int) -> None:
-        """Forget every token from position `length` on; the next forward pass writes over them. A prompt
-        that begins with the cached prompt's first `length` tokens then reuses their keys and values."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate to {length}: the cache holds {self.length} tokens")
-        self.length = length
-
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store the keys and values k, v [Hkv, T, hd] float32 of positions start .. start+T-1 of a layer."""
         end = start + k.shape[1]
@@ -90,6 +83,7 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on: the next forward pass writes there.
 
+        A prompt that begins with the cached tokens' first `length` then reuses their keys and values.
         The slots past `length` keep their stale values until overwritten; attention reads only up
         to the new tokens' end, so they are never seen.
         """

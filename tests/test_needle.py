@@ -15,7 +15,6 @@ import pytest
 from qwen_ref.backends import get_backend
 from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.cli import main
-from qwen_ref.kv_cache import KVCache
 from qwen_ref.model import load_model
 from qwen_ref.needle import (
     ANSWER,
@@ -89,15 +88,6 @@ def test_scored_tokens_are_the_answer_alone(builder, text_model):
                          "The password of the mill is swordfish today.", "Say the password.", "swordfish")
     assert builder.tokenizer.decode(word.reply) == "The password of the mill is swordfish"
     assert builder.tokenizer.decode(word.reply[word.answer_from:]) == " swordfish"
-
-
-def test_cache_truncate_keeps_a_prefix_and_refuses_to_grow(builder, model):
-    cache = KVCache(model.config, 8)
-    cache.length = 5
-    cache.truncate(2)
-    assert cache.length == 2
-    with pytest.raises(ValueError):
-        cache.truncate(3)
 
 
 def test_kv_reuse_gives_the_scores_of_fresh_prefills(builder, model):
