@@ -12,8 +12,9 @@ EXACT needs every criterion to pass, DRIFT every DRIFT criterion. No single stat
 drift from bugs on every model: a random model's logits are nearly flat (0.5B shape: max |logit|
 3.2 over 152k tokens), so its distributions are near-uniform and even a bug gives a small KL,
 while on a trained, peaked model a bug moves the top tokens and KL and top-5 overlap show it.
-NMSE (sum of squared differences over the reference row's variance, per position, worst
-position) does not depend on the logit scale: 1 means B is as far from A as A's spread itself.
+NMSE (per position, the sum of squared differences over the reference row's sum of squared
+deviations from its mean; averaged over positions) does not depend on the logit scale: 1 means B is
+as far from A as A's spread itself.
 """
 
 from __future__ import annotations

@@ -120,14 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vocab = load_model(args.model).config.vocab_size
         cases = [(args.model.name, args.model, np.random.default_rng(args.seed).integers(0, vocab, args.positions))]
-    lines = [HEADER]
+    print(HEADER)
     for label, folder, tokens in cases:
         started = time.perf_counter()
         for name, report in run_cases(folder, tokens).items():
             verdict = judge(report)
-            lines.append(row(f"{label} {name}" if args.fixtures else name, report, verdict))
             mark = "" if EXPECTED[name] in (None, verdict.grade.name) else f"  (expected {EXPECTED[name]})"
-            print(lines[-1] + mark, flush=True)
+            print(row(f"{label} {name}" if args.fixtures else name, report, verdict) + mark, flush=True)
         print(f"{label}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     cpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")),
