@@ -18,7 +18,8 @@ import verdict_cases
 
 
 def qwen_ref(*args):
-    return subprocess.run([sys.executable, "-m", "qwen_ref", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "qwen_ref", *map(str, args)], check=False, capture_output=True,
+                          text=True)
 
 
 # mha_f32_untied: float32 weights, 16 positions; long_seq_bf16: 320 positions, where rounding drifts the most
