@@ -1,15 +1,18 @@
-"""How close two sets of logits are: qwen-ref's verdict on itself against transformers, and on another
-engine against qwen-ref (`qwen-ref compare A B`, `assert_logits_close`).
+"""How close two sets of logits are, and the verdict on them: qwen-ref's on itself against transformers, and on
+another engine against qwen-ref (`qwen-ref compare A B`, `assert_logits_close`).
 
-A is the reference, B the logits under test, both [T, V]; row t is the distribution of token t+1.
-Files may hold the logits of some positions only (`qwen-ref logits --last N`): their `positions`
-array says which, and the files are compared on the positions both hold. The pass rule, in one place:
+A is the reference, B the logits under test, both [T, V]; positions are 0-based and row t is the
+distribution of token t+1. Files may hold the logits of some positions only (`qwen-ref logits --last N`):
+their `positions` array says which, and the files are compared on the positions both hold. The
+exactness rule, in one place (`LogitReport.ok`, the EXACT verdict):
 
-    max |A - B| <= atol + rtol * max(1, max |A|)   and   argmax A == argmax B at every position
+    max |A - B| <= atol + rtol * max(1, max |A|)   and every value finite
 
 The tolerance scales with the largest reference logit because float32 rounding error does; the
-max(1, .) keeps it meaningful for logits near zero. Every other statistic (relative difference,
-top-5 overlap, KL divergence) is reported to help diagnose a failure, not to decide it.
+max(1, .) keeps it meaningful for logits near zero. Every argmax flip is listed with A's margin between
+the two tokens; within the tolerance only a near-tie (margin <= 2 x tolerance) can flip, and such a flip
+does not break exactness. Engines that round to 16 bits are not exact but not wrong either: the graded
+verdict (EXACT, DRIFT, WRONG) and its thresholds are in `qwen_ref.verdict`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import trace_diff
+from qwen_ref import incremental, trace_diff, verdict
 from qwen_ref.errors import QwenRefError
 from qwen_ref.weights import read_safetensors, to_float32
 
@@ -38,8 +41,22 @@ _BLOCK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
+class Flip:
+    """A position where A and B pick different top-1 tokens."""
+
+    position: int  # the prompt position, 0-based: the row predicts token position + 1
+    ref_token: int  # argmax A
+    other_token: int  # argmax B
+    margin: float  # A[ref_token] - A[other_token] >= 0: how far apart the reference holds the two
+    near_tie: bool  # margin <= 2 * tolerance: differences within the tolerance can cause this flip
+
+
+@dataclass(frozen=True)
 class LogitReport:
-    """Statistics of B against the reference A; `ok` is the pass rule of the module docstring."""
+    """Statistics of B against the reference A; `ok` is the exactness rule of the module docstring.
+
+    The graded verdict (EXACT, DRIFT, WRONG) is `qwen_ref.verdict.judge(report)`.
+    """
 
     positions: int  # T
     vocab_size: int  # V
@@ -51,69 +68,72 @@ class LogitReport:
     max_abs_diff_at: tuple[int, int]  # (position, token id) of that difference
     max_rel_diff: float  # max |A - B| / max(1, max |A|): the number rtol bounds when atol is 0
     argmax_agree: int  # positions where both pick the same top-1 token
-    first_argmax_mismatch: int | None  # earliest position where they do not
-    first_mismatch_tokens: tuple[int, int] | None  # (argmax A, argmax B) there
-    first_mismatch_margin: float | None  # A[argmax A] - A[argmax B] there: <= 2 * tolerance is a near-tie
+    flips: tuple[Flip, ...]  # every position where they do not, in order
     top5_overlap: float  # mean over positions of |top5(A) & top5(B)| / 5 (top-V when V < 5)
     kl_max: float  # max over positions of KL(softmax A || softmax B), nats, float64
     kl_max_at: int
     kl_mean: float
+    nmse_max: float  # max over positions of sum (A - B)^2 / sum (A - mean A)^2: scale-free, 1 = as far as noise
+    nmse_max_at: int
+    nmse_mean: float
     nonfinite_ref: int  # NaN or infinite values in A
     nonfinite_other: int  # ... and in B; any of either fails the comparison
 
     @property
     def ok(self) -> bool:
+        """EXACT: within float32 reordering. A flip at a near-tie does not break it (it cannot happen otherwise
+        within the tolerance)."""
         # `<=` is False for NaN, so a NaN difference fails too
-        return (
-            self.max_abs_diff <= self.tolerance
-            and self.first_argmax_mismatch is None
-            and self.nonfinite_ref == 0
-            and self.nonfinite_other == 0
-        )
+        return self.max_abs_diff <= self.tolerance and self.nonfinite_ref == 0 and self.nonfinite_other == 0
 
     @property
     def argmax_fraction(self) -> float:
         return self.argmax_agree / self.positions
 
+    @property
+    def first_argmax_mismatch(self) -> int | None:
+        """The earliest position whose argmax differs."""
+        return self.flips[0].position if self.flips else None
+
     def summary(self) -> str:
-        """One line: the numbers the pass rule looks at."""
+        """One line: the numbers the exactness rule looks at, and the flips."""
         pos, tok = self.max_abs_diff_at
         text = (
             f"max |diff| {self.max_abs_diff:.3g} at position {pos} token {tok} (tolerance {self.tolerance:.3g}), "
             f"argmax agrees at {self.argmax_agree}/{self.positions} positions"
         )
-        if self.first_argmax_mismatch is not None:
-            text += f", first mismatch at position {self.first_argmax_mismatch}"
+        if self.flips:
+            near = sum(f.near_tie for f in self.flips)
+            text += f", first mismatch at position {self.flips[0].position} ({near} of {len(self.flips)} at near-ties)"
         if self.nonfinite_ref or self.nonfinite_other:
             text += f", non-finite values: {self.nonfinite_ref} in reference, {self.nonfinite_other} in other"
         return text
 
     def describe(self) -> str:
-        """Every statistic, one per line, ending with the verdict."""
+        """Every statistic, one per line (positions are 0-based; row t predicts token t+1)."""
         pos, tok = self.max_abs_diff_at
         lines = [
-            f"positions x vocab  {self.positions} x {self.vocab_size}",
+            f"positions x vocab  {self.positions} x {self.vocab_size} (positions 0-based; row t predicts token t+1)",
             f"max |A - B|        {self.max_abs_diff:.6g} at position {pos}, token {tok}",
-            f"tolerance          {self.tolerance:.6g} = atol {self.atol:g} + rtol {self.rtol:g} "
-            f"x max(1, max |A| = {self.max_abs_ref:.6g})",
+            (f"tolerance          {self.tolerance:.6g} = atol {self.atol:g} + rtol {self.rtol:g} "
+             f"x max(1, max |A| = {self.max_abs_ref:.6g})"),
             f"max relative diff  {self.max_rel_diff:.6g} (max |A - B| / max(1, max |A|))",
             f"top-1 agreement    {self.argmax_agree}/{self.positions} ({100 * self.argmax_fraction:.2f}%)",
-        ]
-        if self.first_argmax_mismatch is None:
-            lines.append("first argmax diff  none")
-        else:
-            a, b = self.first_mismatch_tokens
-            lines.append(
-                f"first argmax diff  position {self.first_argmax_mismatch}: A picks {a}, B picks {b}; "
-                f"A's margin between them {self.first_mismatch_margin:.6g}"
-            )
-        lines += [
             f"top-{TOP_K} overlap      {self.top5_overlap:.4f}",
             f"KL(A || B)         max {self.kl_max:.6g} nats at position {self.kl_max_at}, mean {self.kl_mean:.6g}",
+            (f"NMSE               mean {self.nmse_mean:.6g}, max {self.nmse_max:.6g} at position "
+             f"{self.nmse_max_at} (per row: sum (A - B)^2 / sum (A - mean A)^2)"),
         ]
         if self.nonfinite_ref or self.nonfinite_other:
             lines.append(f"non-finite values  {self.nonfinite_ref} in A, {self.nonfinite_other} in B")
-        lines.append(f"verdict            {'PASS' if self.ok else 'MISMATCH'}")
+        if not self.flips:
+            lines.append("argmax flips       none")
+        else:
+            near = sum(f.near_tie for f in self.flips)
+            lines.append(f"argmax flips       {len(self.flips)}, {near} at near-ties (A's margin <= 2 x tolerance "
+                         f"= {2 * self.tolerance:.3g}: differences within the tolerance can cause them)")
+            lines += [f"  position {f.position}: A picks {f.ref_token}, B picks {f.other_token}; A's margin "
+                      f"{f.margin:.6g}{'  near-tie' if f.near_tie else ''}" for f in self.flips]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -122,7 +142,10 @@ class LogitReport:
             key: (None if isinstance(value, float) and not np.isfinite(value) else value)
             for key, value in asdict(self).items()
         }
-        return out | {"ok": self.ok, "argmax_fraction": self.argmax_fraction}
+        out["flips"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in f.items()}
+                        for f in out["flips"]]
+        return out | {"ok": self.ok, "argmax_fraction": self.argmax_fraction,
+                      "first_argmax_mismatch": self.first_argmax_mismatch}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -162,6 +185,7 @@ def compare_logits(
     top1_b = np.empty(T, dtype=np.int64)
     overlap = np.empty(T)  # |topk(A) & topk(B)| per row
     kl = np.empty(T)  # KL(softmax A || softmax B) per row
+    nmse = np.empty(T)  # sum (A - B)^2 / sum (A - mean A)^2 per row
     max_ref = 0.0
     nonfinite_ref = nonfinite_other = 0
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf inputs propagate and fail the report
@@ -180,50 +204,64 @@ def compare_logits(
             overlap[rows] = (ta[:, :, None] == tb[:, None, :]).sum(axis=(1, 2))
             log_a, log_b = _log_softmax(a), _log_softmax(b)  # [n, V] each
             kl[rows] = (np.exp(log_a) * (log_a - log_b)).sum(axis=-1)
+            spread = ((a - a.mean(axis=-1, keepdims=True)) ** 2).sum(axis=-1)  # [n]
+            with np.errstate(divide="ignore"):  # a constant row of A: 0 when B equals it, else inf
+                nmse[rows] = np.where(spread > 0, (diff**2).sum(axis=-1) / np.where(spread > 0, spread, 1),
+                                      np.where(diff.max(axis=-1) > 0, np.inf, 0.0))
 
     at = np.arange(T) if row_positions is None else np.asarray(row_positions)  # [T] position of each row
     scale = max(1.0, max_ref)
+    tolerance = atol + rtol * scale
     worst = int(np.argmax(row_diff))  # NaN, if any, wins: that row is reported
     agree = top1_a == top1_b  # [T]
-    mismatches = np.flatnonzero(~agree)
-    first = int(mismatches[0]) if len(mismatches) else None
-    a_first = None if first is None else ref[first]  # [V]
+    flips = []
+    for row in np.flatnonzero(~agree):
+        ta, tb = int(top1_a[row]), int(top1_b[row])
+        margin = float(ref[row, ta]) - float(ref[row, tb])
+        # each of the two logits may move by the tolerance, so a flip within it needs a margin of at most twice that
+        flips.append(Flip(int(at[row]), ta, tb, margin, bool(margin <= 2 * tolerance)))
     return LogitReport(
         positions=T,
         vocab_size=V,
         rtol=float(rtol),
         atol=float(atol),
         max_abs_ref=max_ref,
-        tolerance=atol + rtol * scale,
+        tolerance=tolerance,
         max_abs_diff=float(row_diff[worst]),
         max_abs_diff_at=(int(at[worst]), int(row_diff_at[worst])),
         max_rel_diff=float(row_diff[worst]) / scale,
         argmax_agree=int(agree.sum()),
-        first_argmax_mismatch=None if first is None else int(at[first]),
-        first_mismatch_tokens=None if first is None else (int(top1_a[first]), int(top1_b[first])),
-        first_mismatch_margin=None if first is None else float(a_first[top1_a[first]]) - float(a_first[top1_b[first]]),
+        flips=tuple(flips),
         top5_overlap=float(overlap.mean() / k),
         kl_max=float(kl.max()),
         kl_max_at=int(at[np.argmax(kl)]),
         kl_mean=float(kl.mean()),
+        nmse_max=float(nmse.max()),
+        nmse_max_at=int(at[np.argmax(nmse)]),
+        nmse_mean=float(nmse.mean()),
         nonfinite_ref=nonfinite_ref,
         nonfinite_other=nonfinite_other,
     )
 
 
 def assert_logits_close(
-    ref: np.ndarray, other: np.ndarray, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
+    ref: np.ndarray, other: np.ndarray, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+    accept: str = "exact", drift: verdict.DriftThresholds = verdict.DEFAULT_DRIFT,
 ) -> LogitReport:
-    """For other projects' test suites: raise AssertionError with the full report unless B passes.
+    """For other projects' test suites: raise AssertionError with the full report unless the verdict on B is
+    at least as good as `accept` ("exact", or "drift" for a bf16 engine or a 16-bit KV cache).
 
     Returns the report when it passes, so a caller can log or check more.
     """
+    if accept not in verdict.ACCEPT_CHOICES:
+        raise ValueError(f"accept must be one of {verdict.ACCEPT_CHOICES}, got {accept!r}")
     try:
         report = compare_logits(ref, other, rtol=rtol, atol=atol)
     except ValueError as exc:
         raise AssertionError(str(exc)) from None
-    if not report.ok:
-        raise AssertionError("logits differ from the reference:\n" + report.describe())
+    judged = verdict.judge(report, drift)
+    if not judged.accepted(verdict.Grade[accept.upper()]):
+        raise AssertionError("logits differ from the reference:\n" + report.describe() + "\n" + judged.describe())
     return report
 
 
@@ -354,37 +392,80 @@ def _span(positions: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# `qwen-ref compare A B`
+# `qwen-ref compare A B` and `qwen-ref compare --incremental`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qwen-ref compare`."""
     parser.description = (
-        "Judge logits B against reference logits A (each an .npz as `qwen-ref logits` writes, or a .safetensors "
-        "file with the same names: 'logits' float [P, V] required; 'tokens' integer [T] optional and compared "
-        "when both files have it; 'positions' integer [P] optional, the prompt position of each row, else rows "
-        "are positions 0..P-1). The files are compared on the positions both hold, which must be all of one "
-        "file's. PASS iff max|A-B| <= atol + rtol*max(1, max|A|) and argmax A == argmax B at every position. "
-        "Exit 0 on pass, 1 on mismatch, 2 on unusable input."
+        "Judge logits B against reference logits A, given as two files (A B: each an .npz as `qwen-ref logits` "
+        "writes, or a .safetensors file with the same names: 'logits' float [P, V] required; 'tokens' integer "
+        "[T] optional and compared when both files have it; 'positions' integer [P] optional, the 0-based "
+        "prompt position of each row, else rows are positions 0..P-1; row t predicts token t+1), compared on "
+        "the positions both hold, which must be all of one file's; or with --incremental, a checkpoint's "
+        "prompt run in one batched forward (A) and one token at a time through the KV cache (B). "
+        + verdict.RULES + " Every argmax flip is listed with A's margin between the two tokens; a near-tie "
+        "(margin <= 2 x tolerance) is one that differences within the tolerance can cause. "
+        "Exit 0 when the verdict is at least as good as --accept, 1 otherwise, 2 on unusable input."
     )
-    parser.add_argument("reference", type=Path, help="A: the reference logits (.npz or .safetensors)")
-    parser.add_argument("other", type=Path, help="B: the logits under test (.npz or .safetensors)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="tolerance relative to max(1, max|A|) (default: %(default)g)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                        help="absolute tolerance added to it (default: %(default)g)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with every statistic")
+    parser.add_argument("reference", type=Path, nargs="?", help="A: the reference logits (.npz or .safetensors)")
+    parser.add_argument("other", type=Path, nargs="?", help="B: the logits under test (.npz or .safetensors)")
+    incremental.add_arguments(parser.add_argument_group("--incremental: batched against token-by-token"))
+    judging = parser.add_argument_group("the verdict")
+    judging.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                         help="EXACT: tolerance relative to max(1, max|A|) (default: %(default)g)")
+    judging.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                         help="EXACT: absolute tolerance added to it (default: %(default)g)")
+    judging.add_argument("--drift-nmse", type=float, default=verdict.DRIFT_NMSE, metavar="X",
+                         help="DRIFT: largest mean over positions of sum (A-B)^2 / sum (A - mean A)^2 "
+                              "(default: %(default)g)")
+    judging.add_argument("--drift-kl", type=float, default=verdict.DRIFT_KL, metavar="NATS",
+                         help="DRIFT: largest KL(A || B) at any position (default: %(default)g)")
+    judging.add_argument("--drift-top5", type=float, default=verdict.DRIFT_TOP5, metavar="F",
+                         help="DRIFT: smallest mean top-5 overlap (default: %(default)g)")
+    judging.add_argument("--accept", choices=verdict.ACCEPT_CHOICES, default="exact",
+                         help="the worst verdict that exits 0; " + verdict.HINT + " (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: the verdict, every criterion (value, threshold, passed), "
+                             "every statistic and every flip")
     # two trace files instead of logits: the trace diff's own options (qwen_ref.trace_diff)
     trace_diff.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """`qwen-ref compare`: 0 when B passes, 1 when it does not (2 comes from QwenRefError)."""
+    """`qwen-ref compare`: 0 when the verdict is accepted, 1 when not (2 comes from QwenRefError)."""
     # two trace files go to the trace diff (qwen_ref.trace_diff), a trace and a logits file are refused there
-    if (code := trace_diff.run_if_traces(args)) is not None:
-        return code
-    if not (args.rtol >= 0 and args.atol >= 0):  # also refuses NaN
-        raise QwenRefError(f"--rtol and --atol must be non-negative, got {args.rtol} and {args.atol}")
+    if args.reference is not None and args.other is not None and not args.incremental:
+        if (code := trace_diff.run_if_traces(args)) is not None:
+            return code
+    elif args.max_nmse is not None or args.plot is not None:
+        raise QwenRefError("--max-nmse and --plot apply to two trace files")
+    thresholds = (args.rtol, args.atol, args.drift_nmse, args.drift_kl, args.drift_top5)
+    if not all(value >= 0 for value in thresholds):  # also refuses NaN
+        raise QwenRefError("--rtol, --atol and the --drift-* thresholds must be non-negative")
+    if ((args.reference is not None) == args.incremental or (args.other is None) != (args.reference is None)
+            or (not args.incremental and incremental.given(args))):
+        raise QwenRefError("give exactly one of: two logit files A B, or --incremental --model DIR with a prompt")
+    if args.incremental:
+        out, positions, ref, other = incremental.run(args)
+    else:
+        out, positions, ref, other = _files(args)
+    report = compare_logits(ref, other, rtol=args.rtol, atol=args.atol, row_positions=positions)
+    judged = verdict.judge(report, verdict.DriftThresholds(args.drift_nmse, args.drift_kl, args.drift_top5))
+    accept = verdict.Grade[args.accept.upper()]
+    if args.json:
+        print(json.dumps(out | {"compared_positions": positions.tolist()} | report.to_dict() | judged.to_dict()
+                         | {"accept": accept.name, "accepted": judged.accepted(accept)}))
+    else:
+        print(f"A (reference)      {out['reference']}\nB                  {out['other']}")
+        print(f"compared           {_span(positions)}")
+        print(report.describe())
+        print(judged.describe())
+    return 0 if judged.accepted(accept) else 1
+
+
+def _files(args: argparse.Namespace) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A B mode: what the output names, the positions compared [n], and A's and B's logits there [n, V]."""
     a, b = load_logits_file(args.reference), load_logits_file(args.other)
     tokens_checked = check_same_input(args.reference, a.tokens, args.other, b.tokens)
     if not tokens_checked:
@@ -393,14 +474,5 @@ def run(args: argparse.Namespace) -> int:
     rows_a, rows_b, positions = line_up(args.reference, a, args.other, b)
     if len(positions) < max(len(a.logits), len(b.logits)):
         print(f"note: comparing the {len(positions)} positions both files hold ({_span(positions)})", file=sys.stderr)
-    report = compare_logits(a.logits[rows_a], b.logits[rows_b], rtol=args.rtol, atol=args.atol,
-                            row_positions=positions)
-    if args.json:
-        out = {"reference": str(args.reference), "other": str(args.other), "tokens_checked": tokens_checked,
-               "compared_positions": positions.tolist()}
-        print(json.dumps(out | report.to_dict()))
-    else:
-        print(f"A (reference)      {args.reference}\nB                  {args.other}")
-        print(f"compared           {_span(positions)}")
-        print(report.describe())
-    return 0 if report.ok else 1
+    out = {"reference": str(args.reference), "other": str(args.other), "tokens_checked": tokens_checked}
+    return out, positions, a.logits[rows_a], b.logits[rows_b]

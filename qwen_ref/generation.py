@@ -64,6 +64,17 @@ def logits_for_tokens(model: QwenModel, tokens: Sequence[int], rows: slice = ALL
     return prefill(model, tokens, model.new_cache(len(tokens)), rows)
 
 
+def incremental_logits(model: QwenModel, tokens: Sequence[int]) -> np.ndarray:
+    """The logits [T, V] of every position of `tokens`, run one token at a time through the KV cache from an
+    empty one, as decoding runs: what `qwen-ref compare --incremental` holds against `logits_for_tokens`."""
+    check_context(model, len(tokens), 0)
+    cache = model.new_cache(len(tokens))
+    logits = np.empty((len(tokens), model.config.vocab_size), dtype=np.float32)  # [T, V]
+    for t, token in enumerate(tokens):
+        logits[t] = model.forward(np.array([token]), cache, LAST_ROW)[0]  # [V]
+    return logits
+
+
 def check_context(model: QwenModel, n_prompt: int, max_new_tokens: int) -> None:
     """Refuse empty prompts and requests whose positions run past the model's context."""
     context = model.config.max_position_embeddings

@@ -18,9 +18,10 @@ _TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take 
 _SEPARATORS = re.compile(r"[,\s]+")
 
 
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """The four mutually exclusive prompt sources; exactly one is required."""
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_prompt_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, required: bool = True) -> None:
+    """The four mutually exclusive prompt sources; exactly one is required unless `required` is False (the
+    command then checks, as `compare` does for its --incremental mode)."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's tokenizer.json")
     source.add_argument("--prompt-file", metavar="FILE",
                         help="prompt text from a UTF-8 file, byte for byte (a final newline is part of it); - reads "
