@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import compare, info, perplexity
+from qwen_ref import compare, info, perplexity, suite
 from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(commands.add_parser("compare", help="judge logits B against reference logits A"))
     perplexity.add_arguments(commands.add_parser("perplexity", help="perplexity of a text file, sliding window"))
     info.add_arguments(commands.add_parser("info", help="architecture, parameter count and memory a checkpoint needs"))
+    suite.add_arguments(commands.add_parser("suite", help="make a reference suite of many prompts, or judge an "
+                                                          "engine's log-probabilities against one"))
     return parser
 
 
@@ -283,6 +285,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
 COMMANDS = {
     "selfcheck": _run_selfcheck, "logits": _run_logits, "generate": _run_generate, "chat": _run_chat,
     "compare": compare.run, "perplexity": perplexity.run, "info": info.run,
+    "suite": suite.run,
 }
 
 
