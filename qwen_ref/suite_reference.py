@@ -62,21 +62,18 @@ def compact_reference(logits: np.ndarray, tokens: np.ndarray, top_k: int) -> dic
     best_logprobs = np.empty((T, k))  # [T, K]
     tail = np.empty(T)  # [T]
     next_logprob = np.empty(T - 1)  # [T-1]
-    outside = np.ones(V, dtype=bool)  # [V] scratch: tokens outside this row's top-K
     for t in range(T):  # row by row: one float64 [V] row at a time, never a [T, V] copy
-        logp = log_softmax(logits[t : t + 1])[0]  # [V]
-        ids = top_ids(logp, k)  # [K]
-        best_ids[t], best_logprobs[t] = ids, logp[ids]
-        outside[:] = True
-        outside[ids] = False
-        rest = logp[outside]  # [V - K]
-        if len(rest):
-            m = rest.max()
-            tail[t] = m + np.log(np.exp(rest - m).sum())  # log-sum-exp: exact for a tail of 1e-30 too
-        else:
-            tail[t] = -np.inf
+        x = logits[t].astype(np.float64)  # [V]
+        ids = top_ids(x, k)  # [K]: log_softmax keeps the order
+        m = x[ids[0]]  # the row's max
+        e = np.exp(x - m)  # [V]
+        lse = m + np.log(e.sum())  # log-sum-exp of the row, as log_softmax computes it
+        best_ids[t], best_logprobs[t] = ids, x[ids] - lse
+        e[ids] = 0.0
+        rest = e.sum()  # the tail summed on its own, not 1 minus the top-K: exact for a tail of 1e-30 too
+        tail[t] = m + np.log(rest) - lse if rest > 0 else -np.inf
         if t + 1 < T:
-            next_logprob[t] = logp[tokens[t + 1]]
+            next_logprob[t] = x[tokens[t + 1]] - lse
     return {"tokens": np.asarray(tokens, dtype=np.int64), "top_ids": best_ids, "top_logprobs": best_logprobs,
             "tail_logprob": tail, "next_logprob": next_logprob}
 
