@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(needs the `cluster` extra) (default: run here, no cluster)")
     where.add_argument("--cluster", metavar="ADDRESS",
                        help="run on the dask scheduler at ADDRESS (tcp://host:8786); the workers must see the "
-                            "checkpoint and --out at the same paths (default: run here, no cluster)")
+                            "checkpoint and --out at the same paths; start them with --memory-limit 0, as dask counts the mapped "
+                            "checkpoint as their memory (default: run here, no cluster)")
 
     check = commands.add_parser(
         "check", help="judge another engine's log-probabilities against a suite",

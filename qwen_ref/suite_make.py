@@ -102,9 +102,11 @@ def make_suite(spec: ModelSpec, prompts: Path, out_dir: Path, top_k: int, full_l
         print(f"resuming: {total - len(jobs)} of {total} cases already in {out_dir}", file=sys.stderr)
     report = progress_reporter(total, len(jobs), quiet)
     if jobs and (workers is not None or cluster is not None):
-        # the optional `cluster` extra, imported only when asked for
-        from qwen_ref.suite_cluster import run_on_cluster
-
+        try:  # the optional `cluster` extra, imported only when asked for
+            from qwen_ref.suite_cluster import run_on_cluster
+        except ImportError as exc:
+            raise QwenRefError(f"--workers and --cluster need dask's distributed ({exc}): "
+                               "pip install 'qwen-ref[cluster]'") from None
         run_on_cluster(spec, jobs, report, workers=workers, address=cluster)
     else:
         run_local(model, jobs, report)

@@ -117,6 +117,15 @@ def test_a_second_run_writes_the_same_bytes_and_a_rerun_computes_nothing(suite, 
     assert "4 of 4 cases already" in result.stderr and "0 computed" in result.stderr
 
 
+def test_full_logits_are_kept_on_request(text_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"tokens": [9707, 11, 1246, 525]}])
+    assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(tmp_path / "s"),
+                     "--full-logits", "--quiet"]) == 0
+    ref = np.load(tmp_path / "s" / "case-00000.npz")
+    model = load_model(text_model, get_backend("numba"))
+    np.testing.assert_array_equal(ref["logits"], logits_for_tokens(model, [9707, 11, 1246, 525]))
+
+
 def test_a_folder_of_another_suite_is_refused_in_one_line(suite):
     model_dir, prompts, suite_dir = suite
     result = qwen_ref("suite", "make", "--model", model_dir, prompts, "--out", suite_dir, "--top-k", "5")
