@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+import time
 
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -55,8 +57,9 @@ def _run_job(job: CaseJob, plugin_name: str) -> tuple[int, float]:
 
 
 def run_on_cluster(spec: ModelSpec, jobs: list[CaseJob], report: Report, workers: int | None = None,
-                   address: str | None = None) -> None:
+                   address: str | None = None, quiet: bool = False) -> None:
     """Run `jobs` on a new local cluster of `workers` processes, or on the cluster at `address`."""
+    started = time.perf_counter()
     cluster = None
     try:
         if address is None:
@@ -73,7 +76,10 @@ def run_on_cluster(spec: ModelSpec, jobs: list[CaseJob], report: Report, workers
         raise QwenRefError(f"cannot reach the dask cluster{f' at {address}' if address else ''}: {exc}") from None
     plugin = _ModelOnWorker(spec)
     try:
-        client.register_plugin(plugin)
+        client.register_plugin(plugin)  # returns once every worker has loaded the model
+        if not quiet:
+            print(f"dask: {len(client.scheduler_info()['workers'])} workers ready with the model in "
+                  f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         by_index = {job.index: job for job in jobs}
         futures = [client.submit(_run_job, job, plugin.name, key=f"{plugin.name}-case-{job.index}", pure=False)
                    for job in jobs]

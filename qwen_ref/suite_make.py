@@ -107,7 +107,7 @@ def make_suite(spec: ModelSpec, prompts: Path, out_dir: Path, top_k: int, full_l
         except ImportError as exc:
             raise QwenRefError(f"--workers and --cluster need dask's distributed ({exc}): "
                                "pip install 'qwen-ref[cluster]'") from None
-        run_on_cluster(spec, jobs, report, workers=workers, address=cluster)
+        run_on_cluster(spec, jobs, report, workers=workers, address=cluster, quiet=quiet)
     else:
         run_local(model, jobs, report)
     if not quiet:

@@ -150,6 +150,16 @@ def test_qwen_refs_own_outputs_are_exact_to_the_last_bit(suite, own_outputs, cap
     assert all(c["missing"] == 0 and c["overlap_min"] == 1.0 for c in out["cases"])
 
 
+def test_an_engine_without_the_last_positions_distribution_is_judged_on_the_others(suite, own_outputs, tmp_path,
+                                                                                    capsys):
+    lines = [json.loads(line) for line in own_outputs.read_text().splitlines()]
+    for case in lines[1:]:
+        case["top_logprobs"].pop()  # as prompt-logprob APIs give them: none after the last token
+    code, out = check_json(capsys, suite[2], write_jsonl(tmp_path / "short.jsonl", lines), "--accept", "exact")
+    assert code == 0
+    assert [c["positions"] for c in out["cases"]] == [len(case["tokens"]) - 1 for case in lines[1:]]
+
+
 def test_a_bfloat16_kv_cache_drifts_and_fails_accept_exact_only(suite, tmp_path, capsys):
     model_dir, _, suite_dir = suite
     other = engine_outputs(tmp_path / "bf16kv.jsonl", suite_dir, model_dir, kv_dtype="bfloat16")

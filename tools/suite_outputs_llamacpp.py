@@ -28,6 +28,7 @@ import numpy as np
 from llama_cpp import Llama
 
 from qwen_ref.suite_engine import engine_line, tokenizer_line
+from qwen_ref.suite_reference import log_softmax
 
 
 def main() -> None:
@@ -56,9 +57,8 @@ def main() -> None:
     for case in cases:
         llm.reset()
         llm.eval(case["tokens"])
-        logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float64)  # [T, V]
-        m = logits.max(axis=-1, keepdims=True)  # [T, 1]
-        logprobs = logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))  # [T, V]
+        logits = np.array(llm.scores[: llm.n_tokens])  # [T, V] float32
+        logprobs = log_softmax(logits)  # [T, V] float64
         lines.append(engine_line(case["id"], case["tokens"], logprobs, args.top_n or 2 * manifest["top_k"]))
     args.out.write_text("".join(lines))
 
