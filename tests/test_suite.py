@@ -279,3 +279,56 @@ def test_a_prompts_file_with_a_repeated_id_is_refused_in_one_line(text_model, tm
     result = qwen_ref("suite", "make", "--model", text_model, prompts, "--out", tmp_path / "o")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"qwen-ref: error: {prompts}: line 2: id 'a' repeats line 1"]
+
+
+STAND_IN_LLAMA_CPP = '''
+"""A stand-in for llama_cpp.Llama with the interface of llama-cpp-python 0.3.36 that the recipe uses
+(reset, eval filling scores[n_past:n_past+n] under logits_all, n_tokens, token_eos, tokenize), computing
+with qwen-ref."""
+import numpy as np
+from qwen_ref.backends import get_backend
+from qwen_ref.generation import logits_for_tokens
+from qwen_ref.model import load_model
+from qwen_ref.tokenizer import Tokenizer
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_batch, logits_all, n_threads, verbose):
+        assert logits_all
+        self._model = load_model(model_path, get_backend("numba"))  # the reference's backend
+        self._tok = Tokenizer.from_model_dir(model_path)
+        self.scores = np.zeros((n_ctx, self._model.config.vocab_size), dtype=np.single)
+        self.n_tokens = 0
+        self._ids = []
+
+    def reset(self):
+        self.n_tokens = 0
+        self._ids = []
+
+    def eval(self, tokens):
+        self._ids += list(tokens)
+        self.scores[: len(self._ids)] = logits_for_tokens(self._model, self._ids)
+        self.n_tokens = len(self._ids)
+
+    def token_eos(self):
+        return 151645
+
+    def tokenize(self, text, add_bos=True, special=False):
+        assert special and not add_bos
+        return [self._tok.token_id(text.decode())]
+'''
+
+
+def test_the_llama_cpp_recipe_against_a_stand_in_for_llama_cpp_python(suite, tmp_path, capsys):
+    """The recipe's own logic only: llama-cpp-python is not installed here, so a stand-in with the
+    0.3.36 interface computes with qwen-ref (whose outputs are exact), and the real library is untested."""
+    model_dir, _, suite_dir = suite
+    (tmp_path / "llama_cpp.py").write_text(STAND_IN_LLAMA_CPP)
+    out_file = tmp_path / "llamacpp.jsonl"
+    result = subprocess.run([sys.executable, REPO / "tools" / "suite_outputs_llamacpp.py", suite_dir, model_dir,
+                             "--out", out_file], check=False, capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out_file.read_text().splitlines()[0])["tokenizer"]["special_tokens"]["<|im_end|>"] == 151645
+    code, out = check_json(capsys, suite_dir, out_file, "--accept", "exact")
+    assert code == 0 and max(c["max_abs_delta"] for c in out["cases"]) == 0.0

@@ -4,10 +4,12 @@
     python tools/suite_outputs_llamacpp.py SUITE_DIR model.gguf --out outputs.jsonl
     qwen-ref suite check SUITE_DIR outputs.jsonl
 
-UNTESTED here: llama-cpp-python is not installed in CI or in the development venv. It was written
-against the llama-cpp-python 0.3.36 source (`Llama.eval` fills `Llama.scores[n_past:n_past+n]` with
-every position's logits when the model is opened with logits_all=True; `Llama.reset` starts a new
-sequence); check those names first if it fails on another version.
+Not tested with the real library: llama-cpp-python is installed neither in CI nor in the development
+venv. It was written against the llama-cpp-python 0.3.36 source (`Llama.eval` fills
+`Llama.scores[n_past:n_past+n]` with every position's logits when the model is opened with
+logits_all=True; `Llama.reset` starts a new sequence); tests/test_suite.py runs it against a stand-in
+with that interface, which tests this script's logic and not llama.cpp. Check those names first if it
+fails on another version.
 
 Each case's token ids from SUITE_DIR/cases.jsonl are evaluated as given (never re-tokenized, so no BOS
 is added), from an empty context; the logits of every position are turned into log-probabilities
