@@ -78,14 +78,16 @@ def run_on_cluster(spec: ModelSpec, jobs: list[CaseJob], report: Report, workers
     try:
         client.register_plugin(plugin)  # returns once every worker has loaded the model
         if not quiet:
-            print(f"dask: {len(client.scheduler_info()['workers'])} workers ready with the model in "
+            print(f"dask: {len(client.scheduler_info()['workers'])} workers have loaded the model in "
                   f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         by_index = {job.index: job for job in jobs}
         futures = [client.submit(_run_job, job, plugin.name, key=f"{plugin.name}-case-{job.index}", pure=False)
                    for job in jobs]
         for future in as_completed(futures):
-            index, seconds = future.result()  # re-raises a worker's QwenRefError here, as a one-line error
+            index, seconds = future.result()  # re-raises a worker's exception here
             report(by_index[index], seconds)
+    except QwenRefError as exc:  # a worker's, which may see other paths than this machine: say whose
+        raise QwenRefError(f"on a dask worker: {exc}") from None
     finally:
         if address is not None:
             client.unregister_worker_plugin(plugin.name)  # frees the model on a cluster that lives on

@@ -69,7 +69,7 @@ def _run(command: list[str]) -> tuple[float, float, float | None]:
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
     others = (_busy_jiffies() - busy0) / tick - (_children_cpu() - own0)
-    ready = re.search(r"dask: \d+ workers ready with the model in ([0-9.]+) s", done.stderr)
+    ready = re.search(r"dask: \d+ workers have loaded the model in ([0-9.]+) s", done.stderr)
     return wall, max(0.0, others) / wall, float(ready.group(1)) if ready else None
 
 
