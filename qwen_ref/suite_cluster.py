@@ -15,7 +15,9 @@ Why dask.distributed and not Ray (measured on 2 cores, 23 GB, Python 3.11; ray 2
 - a SIGKILLed driver: dask's workers exited with it; Ray left two agent processes running, which
   ignored SIGTERM;
 - install: ~25 MB of pure Python against ~240 MB.
-In both, each worker maps the checkpoint itself and nothing crosses the object store or the scheduler.
+In both, each worker maps the checkpoint itself and nothing crosses the object store or the scheduler;
+the mapped pages are shared (two workers reading one 537 MB mapped file: dask 602 MB RSS but 45 MB
+unique each, Ray 704 MB and 72 MB).
 One dask setting matters: a worker's memory monitor counts the mapped pages it has read as its own
 memory (measured: two workers mapping one 537 MB file were each counted at 574 MiB and restarted by a
 400 MB limit, though the kernel holds those pages once, in the page cache). So the local cluster runs
