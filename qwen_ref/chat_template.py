@@ -36,6 +36,7 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise QwenRefError(f"chat_template does not parse: {exc}") from None
+        self.source = source  # the Jinja text, as tokenizer_config.json has it
         self.special_tokens = special_tokens
 
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import __version__, compare, info, needle, perplexity, score
+from qwen_ref import __version__, compare, info, needle, perplexity, score, suite
 from qwen_ref.backends import get_backend
 from qwen_ref.chat import ChatSession
 from qwen_ref.chat_template import ChatTemplate
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_arguments(commands.add_parser("score", help="log-likelihood of continuations given contexts (JSONL)"))
     info.add_arguments(commands.add_parser("info", help="architecture, parameter count and memory a checkpoint needs"))
     needle.add_arguments(commands.add_parser("needle", help="needle in a haystack: retrieval by context length and depth"))
+    suite.add_arguments(commands.add_parser("suite", help="make a reference suite of many prompts, or judge an "
+                                                          "engine's log-probabilities against one"))
     return parser
 
 
@@ -352,6 +354,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
 COMMANDS = {
     "selfcheck": _run_selfcheck, "logits": _run_logits, "trace": _run_trace, "generate": _run_generate, "chat": _run_chat,
     "compare": compare.run, "perplexity": perplexity.run, "score": score.run, "info": info.run, "needle": needle.run,
+    "suite": suite.run,
 }
 
 

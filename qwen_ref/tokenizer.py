@@ -31,6 +31,15 @@ class Tokenizer:
         """
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (a special token such as <|im_end|>), or None when it is not one."""
+        return self._tok.token_to_id(token)
+
+    def special_tokens(self) -> dict[str, int]:
+        """The added tokens marked special (<|endoftext|>, <|im_start|>, ...), by text, in id order."""
+        added = sorted(self._tok.get_added_tokens_decoder().items())
+        return {token.content: token_id for token_id, token in added if token.special}
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`; special tokens (eos, <|im_end|>) are dropped unless asked for."""
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,334 @@
+"""`qwen-ref suite make` and `suite check` end to end on the full-vocabulary fixture with the real Qwen1.5
+tokenizer: the reference files are right and reproducible (locally, on a 2-worker cluster, after a kill),
+qwen-ref's own outputs are exact, a 16-bit KV cache drifts, a shifted engine is wrong, transformers is
+exact, and a tokenizer mismatch is refused in one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_ref import cli
+from qwen_ref.backends import get_backend
+from qwen_ref.fingerprint import tokenizer_hash
+from qwen_ref.generation import logits_for_tokens
+from qwen_ref.model import load_model
+from qwen_ref.suite_engine import engine_line, tokenizer_line
+from qwen_ref.suite_judge import EXACT_MAX_DELTA, Verdict, judge_case
+from qwen_ref.suite_reference import log_softmax
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    {"id": "chat", "text": "Hello, how are you today?", "chat": True},
+    {"text": "The capital of France is"},
+    {"id": "ids", "tokens": [1, 2, 3, 4, 5, 151643, 9707, 11]},
+    {"id": "unicode", "text": "Grüße aus Zürich, 東京から"},
+]
+
+
+def qwen_ref(*args, **kwargs):
+    env = os.environ | {"PYTHONPATH": str(REPO)}  # this tree's qwen_ref, wherever the package is installed
+    return subprocess.run([sys.executable, "-m", "qwen_ref", *map(str, args)], check=False, capture_output=True,
+                          text=True, env=env, **kwargs)
+
+
+def write_jsonl(path: Path, items) -> Path:
+    path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    return path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def suite(text_model, tmp_path_factory):
+    """(model dir, prompts file, suite dir) made in this process by `qwen-ref suite make`."""
+    root = tmp_path_factory.mktemp("suite")
+    prompts = write_jsonl(root / "prompts.jsonl", PROMPTS)
+    assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(root / "ref"),
+                     "--quiet"]) == 0
+    return text_model, prompts, root / "ref"
+
+
+def engine_outputs(path: Path, suite_dir: Path, model_dir: Path, kv_dtype: str = "float32", shift: int = 0) -> Path:
+    """qwen-ref itself as the engine under test: top-40 of its log-probabilities per position.
+
+    `shift` hands out position t + shift's distribution at t (an off-by-one engine) where it exists."""
+    manifest = json.loads((suite_dir / "manifest.json").read_text())
+    model = load_model(model_dir, get_backend("numba"), kv_dtype=kv_dtype)
+    lines = [tokenizer_line(**{k: manifest["tokenizer"][k] for k in ("sha256", "special_tokens", "eos_token_id")})]
+    for case in map(json.loads, (suite_dir / "cases.jsonl").read_text().splitlines()):
+        logprobs = log_softmax(logits_for_tokens(model, case["tokens"]))  # [T, V]
+        if shift:
+            logprobs = np.concatenate([logprobs[shift:], logprobs[-shift:]])  # [T, V]
+        lines.append(engine_line(case["id"], case["tokens"], logprobs, top_n=40))
+    path.write_text("".join(lines))
+    return path
+
+
+def check_json(capsys, suite_dir: Path, other: Path, *flags: str) -> tuple[int, dict]:
+    """`qwen-ref suite check --json` in this process (a subprocess would add seconds of imports per call)."""
+    capsys.readouterr()
+    code = cli.main(["suite", "check", str(suite_dir), str(other), "--json", *flags])
+    captured = capsys.readouterr()
+    assert code in (0, 1), captured.err
+    return code, json.loads(captured.out)
+
+
+def test_reference_files_hold_the_top_k_tail_and_next_token_of_the_full_logits(suite):
+    model_dir, _, suite_dir = suite
+    manifest = json.loads((suite_dir / "manifest.json").read_text())
+    assert [c["id"] for c in manifest["cases"]] == ["chat", "line 2", "ids", "unicode"]
+    assert manifest["tokenizer"]["sha256"] == tokenizer_hash(model_dir)
+    assert manifest["tokenizer"]["eos_token_id"] == 151645  # <|im_end|>, tokenizer_config.json's eos_token
+    assert manifest["top_k"] == 20 and manifest["kv_dtype"] == "float32"
+    cases = [json.loads(line) for line in (suite_dir / "cases.jsonl").read_text().splitlines()]
+    assert cases[0]["tokens"][-3:] == [151644, 77091, 198]  # the chat case ends in "<|im_start|>assistant\n"
+
+    model = load_model(model_dir, get_backend("numba"))
+    for case, entry in zip(cases, manifest["cases"]):
+        ref = np.load(suite_dir / entry["file"])
+        logp = log_softmax(logits_for_tokens(model, case["tokens"]))  # [T, V]
+        T = len(case["tokens"])
+        assert str(ref["id"]) == case["id"] and ref["tokens"].tolist() == case["tokens"]
+        expected = np.sort(logp, axis=-1)[:, ::-1][:, :20]  # [T, 20]
+        np.testing.assert_array_equal(ref["top_logprobs"], expected)
+        np.testing.assert_array_equal(np.take_along_axis(logp, ref["top_ids"].astype(np.int64), -1), expected)
+        # top-K and tail together are the whole distribution: float64 sums of 152k terms, ~1e-16 each
+        total = np.logaddexp(np.logaddexp.reduce(ref["top_logprobs"], axis=-1), ref["tail_logprob"])  # [T]
+        np.testing.assert_allclose(total, 0.0, atol=1e-12)
+        np.testing.assert_array_equal(ref["next_logprob"], logp[np.arange(T - 1), case["tokens"][1:]])
+
+
+def test_a_second_run_writes_the_same_bytes_and_a_rerun_computes_nothing(suite, tmp_path):
+    model_dir, prompts, suite_dir = suite
+    again = tmp_path / "again"
+    assert cli.main(["suite", "make", "--model", str(model_dir), str(prompts), "--out", str(again), "--quiet"]) == 0
+    assert files_of(again) == files_of(suite_dir)
+    result = qwen_ref("suite", "make", "--model", model_dir, prompts, "--out", again)
+    assert result.returncode == 0, result.stderr
+    assert "4 of 4 cases already" in result.stderr and "0 computed" in result.stderr
+
+
+def test_full_logits_are_kept_on_request(text_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"tokens": [9707, 11, 1246, 525]}])
+    assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(tmp_path / "s"),
+                     "--full-logits", "--quiet"]) == 0
+    ref = np.load(tmp_path / "s" / "case-00000.npz")
+    model = load_model(text_model, get_backend("numba"))
+    np.testing.assert_array_equal(ref["logits"], logits_for_tokens(model, [9707, 11, 1246, 525]))
+
+
+def test_a_folder_of_another_suite_is_refused_in_one_line(suite):
+    model_dir, prompts, suite_dir = suite
+    result = qwen_ref("suite", "make", "--model", model_dir, prompts, "--out", suite_dir, "--top-k", "5")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [(
+        f"qwen-ref: error: {suite_dir} holds a suite made from other inputs ('top_k' differs): "
+        "use another --out, or delete it to start over")]
+
+
+@pytest.fixture(scope="module")
+def own_outputs(suite, tmp_path_factory):
+    model_dir, _, suite_dir = suite
+    return engine_outputs(tmp_path_factory.mktemp("own") / "own.jsonl", suite_dir, model_dir)
+
+
+def test_qwen_refs_own_outputs_are_exact_to_the_last_bit(suite, own_outputs, capsys):
+    code, out = check_json(capsys, suite[2], own_outputs, "--accept", "exact")
+    assert code == 0 and out["ok"]
+    assert [c["verdict"] for c in out["cases"]] == ["exact"] * 4
+    # the same float64 values through JSON (repr round-trips): nothing differs at all
+    assert max(c["max_abs_delta"] for c in out["cases"]) == 0.0
+    assert all(c["missing"] == 0 and c["overlap_min"] == 1.0 for c in out["cases"])
+
+
+def test_an_engine_without_the_last_positions_distribution_is_judged_on_the_others(suite, own_outputs, tmp_path,
+                                                                                    capsys):
+    lines = [json.loads(line) for line in own_outputs.read_text().splitlines()]
+    for case in lines[1:]:
+        case["top_logprobs"].pop()  # as prompt-logprob APIs give them: none after the last token
+    code, out = check_json(capsys, suite[2], write_jsonl(tmp_path / "short.jsonl", lines), "--accept", "exact")
+    assert code == 0
+    assert [c["positions"] for c in out["cases"]] == [len(case["tokens"]) - 1 for case in lines[1:]]
+
+
+def test_a_bfloat16_kv_cache_drifts_and_fails_accept_exact_only(suite, tmp_path, capsys):
+    model_dir, _, suite_dir = suite
+    other = engine_outputs(tmp_path / "bf16kv.jsonl", suite_dir, model_dir, kv_dtype="bfloat16")
+    code, out = check_json(capsys, suite_dir, other)
+    assert code == 0 and out["accept"] == "drift"
+    verdicts = [c["verdict"] for c in out["cases"]]
+    assert "wrong" not in verdicts and "drift" in verdicts
+    drifted = [c for c in out["cases"] if c["verdict"] == "drift"]
+    # bfloat16 keys and values round at 2^-8: logprobs move by more than the exact bound, KL stays small
+    assert all(c["max_abs_delta"] > EXACT_MAX_DELTA for c in drifted)
+    assert max(c["kl_max"] for c in out["cases"]) < 0.05  # 10x below DRIFT_KL_MAX: drift by a wide margin
+    code, _ = check_json(capsys, suite_dir, other, "--accept", "exact")
+    assert code == 1
+
+
+def test_an_off_by_one_engine_is_wrong(suite, tmp_path, capsys):
+    model_dir, _, suite_dir = suite
+    other = engine_outputs(tmp_path / "shifted.jsonl", suite_dir, model_dir, shift=1)
+    result = qwen_ref("suite", "check", suite_dir, other)
+    assert result.returncode == 1
+    assert "accept drift: FAIL" in result.stdout
+    _, out = check_json(capsys, suite_dir, other)
+    assert all(c["verdict"] == "wrong" for c in out["cases"])
+
+
+def test_the_transformers_recipe_is_exact(suite, tmp_path, capsys, torch_reference):
+    model_dir, _, suite_dir = suite
+    out_file = tmp_path / "hf.jsonl"
+    result = subprocess.run([sys.executable, REPO / "tools" / "suite_outputs_transformers.py", suite_dir, model_dir,
+                             "--out", out_file], check=False, capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    code, out = check_json(capsys, suite_dir, out_file, "--accept", "exact")
+    assert code == 0, out
+    # float32 on both sides, summed in another order: ~1e-6 here, far inside the exact bound of 1e-3
+    assert max(c["max_abs_delta"] for c in out["cases"]) < 1e-4
+
+
+@pytest.mark.parametrize("change", ["sha256", "special_token", "token_ids"])
+def test_a_tokenizer_mismatch_is_refused_in_one_line(suite, own_outputs, tmp_path, change):
+    lines = own_outputs.read_text().splitlines()
+    header, first = json.loads(lines[0]), json.loads(lines[1])
+    if change == "sha256":
+        header["tokenizer"]["sha256"] = "0" * 64
+    elif change == "special_token":
+        header["tokenizer"]["special_tokens"]["<|im_end|>"] = 151643
+    else:
+        first["tokens"][3] += 1
+    other = write_jsonl(tmp_path / "bad.jsonl", [header, first] + [json.loads(line) for line in lines[2:]])
+    result = qwen_ref("suite", "check", suite[2], other)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("qwen-ref: error: tokenizer mismatch: ")
+
+
+def test_a_two_worker_cluster_writes_the_local_runs_bytes(suite, tmp_path):
+    if os.environ.get("QWEN_REF_REQUIRE_CLUSTER") != "1":
+        pytest.importorskip("distributed")
+    model_dir, prompts, suite_dir = suite
+    result = qwen_ref("suite", "make", "--model", model_dir, prompts, "--out", tmp_path / "cl", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert files_of(tmp_path / "cl") == files_of(suite_dir)
+
+
+def test_a_killed_run_resumes_and_writes_the_same_files(text_model, tmp_path):
+    rng = np.random.default_rng(0)
+    # 10 cases of 80 tokens: ~0.2 s each to compute and compact, so the kill lands mid-suite
+    prompts = write_jsonl(tmp_path / "p.jsonl",
+                          [{"id": f"c{i}", "tokens": rng.integers(0, 151643, 80).tolist()} for i in range(10)])
+    whole = tmp_path / "whole"
+    assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(whole), "--quiet"]) == 0
+
+    killed = tmp_path / "killed"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_ref", "suite", "make", "--model", str(text_model),
+                             str(prompts), "--out", str(killed), "--quiet"], env=env)
+    deadline = time.monotonic() + 120
+    while len(list(killed.glob("case-*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(killed.glob("case-*.npz")))
+    assert 3 <= done < 10, f"the kill should land mid-suite, {done} of 10 cases were done"
+
+    result = qwen_ref("suite", "make", "--model", text_model, prompts, "--out", killed)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming: {done} of 10 cases already" in result.stderr
+    assert {k: v for k, v in files_of(killed).items() if not k.startswith(".")} == files_of(whole)
+
+
+def test_kl_is_reference_to_other_over_top_k_and_a_tail_bucket():
+    ref_ids = np.array([[7, 3]])  # [T=1, K=2]
+    ref_lp = np.log([[0.7, 0.1]])  # tail 0.2
+    ref_tail = np.log([0.2])
+    other = [(np.array([3, 7, 9]), np.log([0.6, 0.2, 0.1]))]  # tail: 1 - 0.8 = 0.2 (0.1 of it listed)
+    report = judge_case("x", ref_ids, ref_lp, ref_tail, other)
+    expected = 0.7 * np.log(0.7 / 0.2) + 0.1 * np.log(0.1 / 0.6) + 0.2 * np.log(0.2 / 0.2)
+    reverse = 0.2 * np.log(0.2 / 0.7) + 0.6 * np.log(0.6 / 0.1)  # KL(other || ref): not this
+    assert report.kl_max == pytest.approx(expected, rel=1e-12)
+    assert abs(report.kl_max - reverse) > 0.1
+    assert report.top1_exact_agree == 0 and report.overlap_min == 1.0
+
+
+def test_an_unlisted_reference_token_is_valued_at_the_engines_smallest_listed_logprob():
+    ref_ids = np.array([[1, 2, 3]])  # [T=1, K=3]
+    ref_lp = np.log([[0.6, 0.3, 0.05]])
+    other = [(np.array([1, 2, 8]), np.log([0.6, 0.3, 0.02]))]  # token 3 not listed: at most log 0.02
+    report = judge_case("x", ref_ids, ref_lp, np.log([0.05]), other)
+    assert report.missing == 1
+    assert report.max_abs_delta == pytest.approx(np.log(0.05) - np.log(0.02), rel=1e-12)
+    assert report.max_abs_delta_at == (0, 3)
+    assert report.verdict == Verdict.WRONG  # top-K overlap 2/3, under DRIFT_OVERLAP
+
+
+def test_a_prompts_file_with_a_repeated_id_is_refused_in_one_line(text_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "tokens": [1]}])
+    result = qwen_ref("suite", "make", "--model", text_model, prompts, "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"qwen-ref: error: {prompts}: line 2: id 'a' repeats line 1"]
+
+
+STAND_IN_LLAMA_CPP = '''
+"""A stand-in for llama_cpp.Llama with the interface of llama-cpp-python 0.3.36 that the recipe uses
+(reset, eval filling scores[n_past:n_past+n] under logits_all, n_tokens, token_eos, tokenize), computing
+with qwen-ref."""
+import numpy as np
+from qwen_ref.backends import get_backend
+from qwen_ref.generation import logits_for_tokens
+from qwen_ref.model import load_model
+from qwen_ref.tokenizer import Tokenizer
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_batch, logits_all, n_threads, verbose):
+        assert logits_all
+        self._model = load_model(model_path, get_backend("numba"))  # the reference's backend
+        self._tok = Tokenizer.from_model_dir(model_path)
+        self.scores = np.zeros((n_ctx, self._model.config.vocab_size), dtype=np.single)
+        self.n_tokens = 0
+        self._ids = []
+
+    def reset(self):
+        self.n_tokens = 0
+        self._ids = []
+
+    def eval(self, tokens):
+        self._ids += list(tokens)
+        self.scores[: len(self._ids)] = logits_for_tokens(self._model, self._ids)
+        self.n_tokens = len(self._ids)
+
+    def token_eos(self):
+        return 151645
+
+    def tokenize(self, text, add_bos=True, special=False):
+        assert special and not add_bos
+        return [self._tok.token_id(text.decode())]
+'''
+
+
+def test_the_llama_cpp_recipe_against_a_stand_in_for_llama_cpp_python(suite, tmp_path, capsys):
+    """The recipe's own logic only: llama-cpp-python is not installed here, so a stand-in with the
+    0.3.36 interface computes with qwen-ref (whose outputs are exact), and the real library is untested."""
+    model_dir, _, suite_dir = suite
+    (tmp_path / "llama_cpp.py").write_text(STAND_IN_LLAMA_CPP)
+    out_file = tmp_path / "llamacpp.jsonl"
+    result = subprocess.run([sys.executable, REPO / "tools" / "suite_outputs_llamacpp.py", suite_dir, model_dir,
+                             "--out", out_file], check=False, capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out_file.read_text().splitlines()[0])["tokenizer"]["special_tokens"]["<|im_end|>"] == 151645
+    code, out = check_json(capsys, suite_dir, out_file, "--accept", "exact")
+    assert code == 0 and max(c["max_abs_delta"] for c in out["cases"]) == 0.0
