@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ref import incremental, trace_diff, verdict
+from qwen_ref import incremental, trace_compare, verdict
 from qwen_ref.errors import QwenRefError
 from qwen_ref.weights import read_safetensors, to_float32
 
@@ -428,15 +428,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: the verdict, every criterion (value, threshold, passed), "
                              "every statistic and every flip")
-    # two trace files instead of logits: the trace diff's own options (qwen_ref.trace_diff)
-    trace_diff.add_arguments(parser)
+    # two trace files instead of logits: the trace diff's own options (qwen_ref.trace_compare)
+    trace_compare.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """`qwen-ref compare`: 0 when the verdict is accepted, 1 when not (2 comes from QwenRefError)."""
-    # two trace files go to the trace diff (qwen_ref.trace_diff), a trace and a logits file are refused there
+    # two trace files go to the trace diff (qwen_ref.trace_compare), a trace and a logits file are refused there
     if args.reference is not None and args.other is not None and not args.incremental:
-        if (code := trace_diff.run_if_traces(args)) is not None:
+        if (code := trace_compare.run_if_traces(args, _logit_options(args))) is not None:
             return code
     elif args.max_nmse is not None or args.plot is not None:
         raise QwenRefError("--max-nmse and --plot apply to two trace files")
@@ -462,6 +462,14 @@ def run(args: argparse.Namespace) -> int:
         print(report.describe())
         print(judged.describe())
     return 0 if judged.accepted(accept) else 1
+
+
+def _logit_options(args: argparse.Namespace) -> list[str]:
+    """The options of the logits verdict that the user set to other than their defaults."""
+    defaults = {"--rtol": DEFAULT_RTOL, "--atol": DEFAULT_ATOL, "--drift-nmse": verdict.DRIFT_NMSE,
+                "--drift-kl": verdict.DRIFT_KL, "--drift-top5": verdict.DRIFT_TOP5, "--accept": "exact"}
+    given = [flag for flag, default in defaults.items() if getattr(args, flag[2:].replace("-", "_")) != default]
+    return given + (["--model and a prompt"] if incremental.given(args) else [])
 
 
 def _files(args: argparse.Namespace) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from qwen_ref.memory import keep_freed_memory
 from qwen_ref.paging import LayerPager, fits_in_memory
 from qwen_ref.rope import rope_cos_sin, rope_inv_freq
-from qwen_ref.trace import Recorder
+from qwen_ref.trace import Hook
 from qwen_ref.weights import load_weights, to_float32
 
 # Which rows of a forward call get logits: a slice of range(T), step 1, negative ends counted from T.
@@ -52,7 +52,7 @@ class QwenModel:
             [self._layer_weights(i) for i in range(config.num_hidden_layers)],
             config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps)
         self.pager: LayerPager | None = None  # set by use_layer_major: prompts then run layer by layer
-        self.recorder: Recorder | None = None  # given every named intermediate when set (qwen_ref.trace)
+        self.recorder: Hook | None = None  # given every named intermediate when set (qwen_ref.trace)
 
     @property
     def fused_decode(self) -> bool:

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -118,6 +119,8 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 def parse_names(text: str) -> list[str]:
     """`--names`: fnmatch patterns separated by commas ("Qcur*,l_out"), each matching at least one trace name."""
     patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise QwenRefError("--names: no pattern given (e.g. 'Qcur*,l_out')")
     every = FIRST_NAMES + LAYER_NAMES + LAST_NAMES
     for pattern in patterns:
         if not fnmatch.filter(every, pattern):
@@ -129,6 +132,14 @@ def values_per_position(name: str, H: int, Hkv: int, hd: int, D: int, F: int, V:
     """How many float32 values the tensor `name` holds per position (for the size of a trace before it runs)."""
     return {"Qcur": H * hd, "Qcur_rope": H * hd, "kqv_out": H * hd, "Kcur": Hkv * hd, "Kcur_rope": Hkv * hd,
             "Vcur": Hkv * hd, "ffn_gate": F, "ffn_up": F, "ffn_act": F, "result_output": V}.get(name, D)
+
+
+class Hook(Protocol):
+    """What `QwenModel.recorder` takes: `Recorder` keeps tensors, `qwen_ref.profile.Profile` times them."""
+
+    def wants(self, name: str, layer: int | None) -> bool: ...
+
+    def record(self, name: str, layer: int | None, value: np.ndarray) -> None: ...
 
 
 class Recorder:

@@ -15,18 +15,18 @@ of each tensor only), NaN in B means "not printed" and the statistics use the en
 every NaN or inf, in A or B, is a real non-finite value and makes the tensor's NMSE infinite.
 
 Printed values: when B's metadata says `"value_decimals": "d"` (llama.cpp's eval-callback prints 4),
-each of B's values is off by up to h = 0.5e-d from printing alone, which adds up to h^2 / var(A) to a
-tensor's NMSE. A tensor then exceeds the threshold only above max_nmse + 4 h^2 / var(A) (`limit`): the
-4 covers the cross term of print and float32 errors, (p + f)^2 <= 2 p^2 + 2 f^2, twice.
+each of B's values is off by up to h = 0.5e-d from printing alone, so B's RMS error is at most the
+float32 one plus h (the triangle inequality), and a tensor exceeds the threshold only above
+(sqrt(max_nmse) + sqrt(h^2 / var(A)))^2 (`TraceDiff.limit`).
+
+"NMSE" here is over a whole tensor; `qwen-ref compare` on logits averages a per-position NMSE instead
+(`qwen_ref.verdict`), so result_output's figure differs between the two.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import struct
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +38,6 @@ from qwen_ref.trace import (
     Trace,
     forward_order,
     input_keys,
-    load_trace,
     parse_key,
     trace_key,
 )
@@ -113,7 +112,7 @@ class TraceDiff:
 
     def limit(self, key: str) -> float:
         """The NMSE above which `key` exceeds the threshold: max_nmse, plus room for B's printed decimals."""
-        return self.max_nmse + 4 * self.tensors[key].print_nmse
+        return (math.sqrt(self.max_nmse) + math.sqrt(self.tensors[key].print_nmse)) ** 2
 
     def exceeds(self, key: str) -> bool:
         return not self.tensors[key].nmse <= self.limit(key)
@@ -262,7 +261,7 @@ def _metadata_text(metadata: dict[str, str]) -> str:
     for k in keys:
         value = metadata[k]
         if k == "tokens":
-            ids = _token_ids(metadata, "")
+            ids = token_ids(metadata, "")
             value = f"{len(ids)} ids [{', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''}]"
         elif k == "checkpoint_sha256":
             value = value[:12]
@@ -285,8 +284,8 @@ def describe(diff: TraceDiff, reference: Trace, other: Trace, paths: tuple[Path,
                      "their statistics use those only")
     threshold = f"threshold      NMSE <= {diff.max_nmse:.1e} (--max-nmse)"
     if any(d.print_nmse for d in diff.tensors.values()):
-        threshold += (f", plus 4 h^2/var(A) for B's values printed with {other.metadata['value_decimals']} "
-                      "decimals (h half a unit in the last one)")
+        threshold += (", widened to (sqrt(max_nmse) + h/sd(A))^2 for B's values printed with "
+                      f"{other.metadata['value_decimals']} decimals (h half a unit in the last one)")
     lines += [threshold, "",
               "NMSE = mean((A-B)^2) / var(A) per tensor (* the first culprit):", growth_table(diff), ""]
     if diff.culprit is None:
@@ -303,7 +302,12 @@ def describe(diff: TraceDiff, reference: Trace, other: Trace, paths: tuple[Path,
         lines.append(f"               not in both traces: {', '.join(c.walked_back)}; "
                      + ("their nearest traced ancestors stand in" if c.inputs else "no traced ancestor: the error "
                         "may have entered before"))
-    lines.append(f"verdict        MISMATCH: the error enters at {c.key}")
+    if c.walked_back:  # the layers between are not traced: the error may have entered anywhere there
+        since = ", ".join(c.inputs) or "the start"
+        lines.append(f"verdict        MISMATCH: the error enters after {since} and by {c.key}; trace the "
+                     f"missing {', '.join(c.walked_back)} to find the operation")
+    else:
+        lines.append(f"verdict        MISMATCH: the error enters at {c.key}")
     return "\n".join(lines)
 
 
@@ -333,113 +337,8 @@ def to_dict(diff: TraceDiff, reference: Trace, other: Trace, paths: tuple[Path, 
             "tensors": tensors}
 
 
-def plot(diff: TraceDiff, path: Path) -> None:
-    """A PNG of NMSE per layer, one line per name, on a log scale, with the threshold and the culprit marked."""
-    try:
-        # no pyplot: no global figure state, no display backend
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise QwenRefError("--plot needs matplotlib: pip install 'qwen-ref[plot]'") from None
-    finite = [d.nmse for d in diff.tensors.values() if 0 < d.nmse < math.inf]
-    floor = min([*finite, diff.max_nmse]) / 10  # where exact agreement (NMSE 0) is drawn
-    ceiling = max([*finite, diff.max_nmse]) * 10  # where non-finite values (NMSE inf) are drawn
-    fig = Figure(figsize=(10, 6))
-    ax = fig.add_subplot()
-    ax.set_prop_cycle(color=colormaps["tab20"].colors)  # a colour of its own for each of the 15 names
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    layers = [layer for key in diff.tensors if (layer := parse_key(key)[1]) is not None]
-    # the tensors outside the layers stand one step before the first layer and one after the last
-    where = {"inp_embd": min(layers, default=0) - 1, "result_norm": max(layers, default=-1) + 1}
-    where["result_output"] = where["result_norm"]
-
-    def x_of(key: str) -> int:
-        name, layer = parse_key(key)
-        return where[name] if layer is None else layer
-
-    def y_of(key: str) -> float:
-        return min(max(diff.tensors[key].nmse, floor), ceiling)
-
-    for name in LAYER_NAMES:
-        points = [(x_of(k), y_of(k)) for k in diff.tensors if parse_key(k)[0] == name]
-        if points:
-            ax.plot(*zip(*points), marker=".", label=name)
-    for name, marker in (("inp_embd", "s"), ("result_norm", "^"), ("result_output", "v")):
-        if name in diff.tensors:
-            ax.plot(x_of(name), y_of(name), marker, color="black", fillstyle="none", label=name)
-    ax.axhline(diff.max_nmse, color="black", linestyle="--", label="threshold")
-    if diff.culprit is not None:
-        ax.plot(x_of(diff.culprit.key), y_of(diff.culprit.key), "rx", markersize=14,
-                label=f"first culprit {diff.culprit.key}")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (inp_embd before the first, result_* after the last)")
-    ax.set_ylabel(f"NMSE (0 drawn at {floor:.0e}, non-finite at {ceiling:.0e})")
-    ax.set_title("culprit: " + (diff.culprit.key if diff.culprit else "none"))
-    ax.legend(fontsize="small", ncol=2)
-    try:
-        fig.savefig(path, format="png")
-    except OSError as exc:
-        raise QwenRefError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# `qwen-ref compare A B` on two trace files
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `qwen-ref compare` takes for two trace files, as their own group."""
-    group = parser.add_argument_group(
-        "trace files", "When A and B are traces (named intermediates, `qwen-ref trace`), the diff walks the forward "
-        "order: NMSE = mean((A-B)^2)/var(A), max |A-B| and cosine per tensor, the NMSE table over layers, and the "
-        "first tensor whose NMSE exceeds the threshold while its inputs were within it. Exit 0 when every tensor is "
-        "within the threshold, 1 when a culprit is found, 2 on unusable input.")
-    group.add_argument("--max-nmse", type=float, metavar="X",
-                       help=f"the NMSE threshold (default: {DEFAULT_MAX_NMSE:.0e}, far above float32 rounding "
-                            "between correct implementations)")
-    group.add_argument("--plot", type=Path, metavar="FILE.png",
-                       help="also draw NMSE per layer and name (log scale) to this PNG; needs matplotlib "
-                            "(default: no plot)")
-
-
-def run_if_traces(args: argparse.Namespace) -> int | None:
-    """The trace diff's exit code when A and B are trace files; None when they are logits files (compare.run's)."""
-    kinds = {path: _file_kind(path) for path in (args.reference, args.other)}
-    if set(kinds.values()) == {"trace", "logits"}:
-        trace = next(p for p, k in kinds.items() if k == "trace")
-        logits = next(p for p, k in kinds.items() if k == "logits")
-        raise QwenRefError(f"{trace} is a trace and {logits} a logits file: compare two traces or two logits files")
-    if "trace" not in kinds.values():
-        if args.max_nmse is not None or args.plot is not None:
-            raise QwenRefError("--max-nmse and --plot apply to trace files, not to logits files")
-        return None
-    return run(args)
-
-
-def _file_kind(path: Path) -> str:
-    """'logits' for a file with a `logits` array, 'trace' when every name is a trace key, else 'other'
-    (which the loader of the other file's kind then refuses with its own message)."""
-    if not path.is_file():
-        raise QwenRefError(f"{path}: no such file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                names = set(npz.files) - {"__metadata__"}
-        else:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                names = set(json.loads(f.read(min(length, 1 << 26)))) - {"__metadata__"}
-    except (OSError, ValueError, EOFError, struct.error, TypeError):
-        return "other"
-    if "logits" in names:
-        return "logits"
-    try:
-        return "trace" if names and all(parse_key(n) for n in names) else "other"
-    except QwenRefError:
-        return "other"
-
-
-def _token_ids(metadata: dict[str, str], path: Path | str) -> list[int] | None:
+def token_ids(metadata: dict[str, str], path: Path | str) -> list[int] | None:
+    """The `tokens` of a trace's metadata (a JSON list of ids), None when absent."""
     if "tokens" not in metadata:
         return None
     try:
@@ -449,31 +348,3 @@ def _token_ids(metadata: dict[str, str], path: Path | str) -> list[int] | None:
     if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
         raise QwenRefError(f"{path}: metadata 'tokens' is not a JSON list of token ids")
     return ids
-
-
-def run(args: argparse.Namespace) -> int:
-    """0 when every tensor is within the threshold, 1 when a culprit is found (2 comes from QwenRefError)."""
-    max_nmse = DEFAULT_MAX_NMSE if args.max_nmse is None else args.max_nmse
-    if not max_nmse >= 0:  # also refuses NaN
-        raise QwenRefError(f"--max-nmse must be non-negative, got {max_nmse}")
-    paths = (args.reference, args.other)
-    reference, other = load_trace(args.reference), load_trace(args.other)
-    tokens_a, tokens_b = _token_ids(reference.metadata, paths[0]), _token_ids(other.metadata, paths[1])
-    if tokens_a is not None and tokens_b is not None and tokens_a != tokens_b:
-        t = next((i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y), min(len(tokens_a), len(tokens_b)))
-        raise QwenRefError(f"the traces are of different prompts: {len(tokens_a)} and {len(tokens_b)} tokens, "
-                           f"first different at position {t}")
-    hashes = reference.metadata.get("checkpoint_sha256"), other.metadata.get("checkpoint_sha256")
-    if None not in hashes and hashes[0] != hashes[1]:
-        print(f"note: the traces are of different checkpoints (sha256 {hashes[0][:12]} and {hashes[1][:12]})",
-              file=sys.stderr)
-    diff = diff_traces(reference, other, max_nmse)
-    if not diff.tensors:
-        raise QwenRefError(f"{paths[0]} and {paths[1]} hold no tensor in common")
-    if args.plot is not None:  # first: a missing matplotlib is an error, not a report followed by one
-        plot(diff, args.plot)
-    if args.json:
-        print(json.dumps(to_dict(diff, reference, other, paths)))
-    else:
-        print(describe(diff, reference, other, paths))
-    return 0 if diff.culprit is None else 1

@@ -85,11 +85,16 @@ def _header(path: Path, data: np.ndarray) -> tuple[dict, int]:
     return header, header_len
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The string-to-string `__metadata__` of a .safetensors file's header ({} when it has none)."""
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file: {tensor name: {dtype, shape, data_offsets}, "__metadata__": ...}."""
     if path.stat().st_size < 8:
         raise QwenRefError(f"{path}: truncated safetensors file ({path.stat().st_size} bytes)")
-    metadata = _header(path, np.frombuffer(map_file(path), dtype=np.uint8))[0].get("__metadata__", {})
+    return _header(path, np.frombuffer(map_file(path), dtype=np.uint8))[0]
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a .safetensors file's header ({} when it has none)."""
+    metadata = read_safetensors_header(path).get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise QwenRefError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
     return metadata

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import small_config, write_safetensors
+from helpers import FIXTURES, small_config, write_safetensors
 
 from qwen_ref.backends import get_backend
 from qwen_ref.cli import main
@@ -260,3 +260,39 @@ def test_plot_without_matplotlib_is_a_one_line_error(reference, tmp_path, capsys
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     code, out, err = _compare(capsys, reference, reference, "--plot", tmp_path / "nmse.png")
     assert code == 2 and out == "" and err.strip() == "qwen-ref: error: --plot needs matplotlib: pip install 'qwen-ref[plot]'"
+
+
+# --- what the report will not claim -------------------------------------------------------------------
+
+
+def test_a_culprit_past_untraced_layers_is_not_pinned_on_one_operation(checkpoint, tmp_path, capsys):
+    """k bias dropped in layer 1, only layer 2 traced: the error entered somewhere before blk.2.attn_norm."""
+    layer2 = [f"blk.2.{n}" for n in ("attn_norm", "l_out")]
+    ref, broken = tmp_path / "ref2.safetensors", tmp_path / "broken2.safetensors"
+    save_trace(ref, Trace({k: v for k, v in _trace(checkpoint).tensors.items() if k in layer2}, {}))
+    save_trace(broken, Trace({k: v for k, v in _trace(checkpoint, breakage="k bias dropped").tensors.items()
+                              if k in layer2}, {}))
+    code, out, _ = _compare(capsys, ref, broken)
+    assert code == 1
+    assert "the error enters after the start and by blk.2.attn_norm" in out and "blk.1.l_out" in out
+    assert "the error enters at" not in out
+
+
+def test_a_printed_only_trace_must_be_b(reference, tmp_path):
+    printed = tmp_path / "printed.safetensors"
+    ref = load_trace(reference)
+    save_trace(printed, Trace(ref.tensors, ref.metadata | {"missing_values": "nan", "value_decimals": "4"}))
+    assert "give it as B" in _one_line_error(_qwen_ref("compare", printed, reference))
+    assert _qwen_ref("compare", reference, printed).returncode == 0
+
+
+@pytest.mark.parametrize("flags", [["--rtol", "1"], ["--accept", "drift"], ["--drift-kl", "1"], ["--tokens", "1,2"]])
+def test_options_of_the_logits_verdict_are_refused_with_two_traces(reference, flags):
+    assert "not to traces" in _one_line_error(_qwen_ref("compare", reference, reference, *flags))
+
+
+@pytest.mark.parametrize("names", ["", ",", " , "])
+def test_an_empty_name_selection_is_refused(tmp_path, names):
+    result = _qwen_ref("trace", "--model", FIXTURES / "mha_f32_untied", "--tokens", "1,2", "--names", names,
+                       "--out", tmp_path / "t.npz")
+    assert "no pattern given" in _one_line_error(result)
