@@ -4,13 +4,14 @@ Each public kernel has a NumPy twin in `qwen_ref` that is its specification (nam
 docstring); tests/test_kernels.py checks that the two agree. Weights and KV caches may be float32,
 float16, or bfloat16 held as raw uint16 words; activations are float32. The operations of a model
 backend (linear, linears, rms_norm, apply_rope, attention, swiglu) return new arrays and never write
-into their inputs; widen_rows fills the array it is given. `DecoderStack` runs a decode step's
-decoder layers with those kernels in one call, writing the step's keys and values into the cache.
+into their inputs; widen_rows fills the array it is given. No kernel knows a checkpoint, a config or
+qwen_ref; one module composes them into a model layer: `decode.py`'s `DecoderStack` runs a decode
+step's pre-norm decoder layers in one call. `attention.py` deals attention's work items to threads;
+`attention_items.py` computes one.
 
-Every kernel is compiled with `cache=CACHE` (see `cache.py`): the first process compiles (tens of
-seconds, announced on stderr), later ones load machine code from a per-user cache folder keyed by
-these sources, so an edit to any module recompiles its callers too. With NUMBA_DISABLE_JIT=1 the
-same code runs as plain Python, slowly, for stepping through in a debugger.
+Every kernel is compiled with `cache=CACHE` (`cache.py`): the first process compiles, announced on
+stderr; later ones load machine code from a per-user folder keyed by these sources, so an edit to
+any module recompiles its callers too. NUMBA_DISABLE_JIT=1 runs it all as Python, for a debugger.
 """
 
 from jitkernels import cache

@@ -1,20 +1,17 @@
 """Where Numba keeps these kernels' machine code between runs, and how processes share it.
 
-Numba's `cache=True` writes beside the source by default: into site-packages for a regular install,
-which may be read-only and must not be written by a running program. The kernels are cached instead
-in a folder keyed by the package's version and sources, Numba and Python, under `$NUMBA_CACHE_DIR`
-if the user set it, else under the per-user cache folder (`$XDG_CACHE_HOME`, by default
-`~/.cache`), in `qwen-ref/`. A key that changes with any kernel source also means a stale callee is
-never loaded: Numba itself checks only the file a cached function is written in. Where no such
-folder is writable (or HOME is not set), the kernels compile afresh in every process, and the first
-compile says so.
+Numba's `cache=True` writes beside the source by default: into site-packages, which may be read-only
+and must not be written by a running program. The kernels are cached instead in `qwen-ref/` under
+`$NUMBA_CACHE_DIR` if set, else the per-user cache folder (`$XDG_CACHE_HOME`, by default `~/.cache`),
+in a folder keyed by the package's version and all its sources, Numba and Python, so a stale callee
+is never loaded (Numba checks only a cached function's own file). Without a writable folder (or
+HOME), every process compiles afresh and says so.
 
 Numba's cache is not safe for concurrent writers (numba issue #4807): a function's index is read,
 extended and rewritten, and its data files are numbered in that order, so two processes compiling
-different signatures at once can leave the index pointing at the other's machine code. So every
-process holds an exclusive `flock` on the cache folder whenever Numba holds its compiler lock (which
-covers a signature's cache lookup, compile and save; other libraries' compiles in the process take
-it too). A process that waits then loads what the other compiled instead of compiling it again.
+different signatures at once can leave the index pointing at the other's machine code. So a process
+holds an exclusive `flock` on the cache folder while Numba holds its compiler lock (a signature's
+lookup, compile and save): one that waits then loads what the other compiled, not compiling it again.
 """
 
 from __future__ import annotations

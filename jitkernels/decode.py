@@ -2,16 +2,16 @@
 
 A decode step of Qwen1.5-0.5B runs about 200 kernels: per layer two RMSNorms, the q/k/v GEMV, two
 RoPEs, attention, o_proj, the SwiGLU GEMV and down_proj. Called one by one from Python, each pays
-its wrapper (checks, weight views, new output arrays) and Numba's dispatch, and memory idles
-meanwhile. `DecoderStack` puts every layer's weights in the kernels' form once and runs the
-layers in one call, on the same kernels in the same order as the backend operations do for one
-token, so the result is the same bit for bit (tests/test_decode.py). Qwen1.5-0.5B bf16, 128
-tokens of context: decode 1.08x faster (in-process, alternating; interquartile 1.04-1.14x).
+its wrapper (checks, weight views, new output arrays) and Numba's dispatch while memory idles
+(benchmarks/KERNELS.md, DecoderStack). `DecoderStack` puts every layer's weights in the kernels'
+form once and runs the layers in one call, on the same kernels in the same order as the backend
+operations run them for one token, so the result is the same bit for bit (tests/test_decode.py).
 
-`_layers` repeats the layer of `qwen_ref.model.QwenModel._decoder_layer` (change both together),
-the pre-norm block:
-    h = rms_norm(x); q, k, v = h W_q + b_q, h W_k + b_k, h W_v + b_v; rope(q), rope(k) into the cache
-    x = x + attention(q, cache) W_o;  x = x + swiglu(rms_norm(x)) W_down
+This is the one module of the package that composes kernels into a model layer: the pre-norm layer
+Qwen2 shares with Llama (RMSNorm, q/k/v with optional biases, rotate_half RoPE, GQA, SwiGLU), by
+weight role, never by checkpoint name or config. It stays here because it is compiled from the
+kernels' inner functions, so it shares their cache key and lock (`cache.py`). `_layers` repeats
+`qwen_ref.model.QwenModel._decoder_layer`: change both together.
 """
 
 from __future__ import annotations
@@ -86,6 +86,19 @@ class DecoderStack:
 @njit(cache=CACHE)
 def _layers(x, attn_norm, wq, wk, wv, bq, bk, bv, wo, no_bias, ffn_norm, w_gate, w_up, w_down, keys, values, past,
             cos, sin, eps, H, n_splits, n_threads):
+    """x after L pre-norm decoder layers, for one token; a new [1, D] float32 array (l_out of the last).
+
+    Weights are tuples of L arrays, one per layer, in kernel words (float32; bfloat16 as uint16, or
+    as uint32 pairs where `gemv_weight` pairs a matrix's rows; float16 as int16), read only:
+      attn_norm, ffn_norm [D]; wq [H*hd, D]; wk, wv [Hkv*hd, D]; wo [D, H*hd];
+      w_gate, w_up [F, D]; w_down [D, F]; bq [H*hd], bk, bv [Hkv*hd], or [0] for no bias;
+      no_bias [0], the empty bias of o_proj and down_proj. (Pairs halve the last dimension.)
+    x: [1, D] float32, the token's embedding. keys, values: [L, Hkv, capacity, hd] cache words of one
+    dtype; the first `past` positions are read, position `past` is written. cos, sin: [1, hd/2]
+    float32 of that position. eps: float32 of the RMSNorms. H: query heads (Hkv and hd come from the
+    cache). n_splits: key ranges per attention item (`key_splits` for S = past + 1); n_threads:
+    `numba.get_num_threads()`, passed in because a kernel that asks for it could not be cached.
+    """
     Hkv, hd = keys.shape[1], keys.shape[3]
     S = past + 1
     h = np.empty_like(x)  # [1, D]

@@ -7,12 +7,11 @@ CPU, so the dtype of an array says how to read its words:
     float32  the value itself
     uint16   a bfloat16 word: the high half of a float32, so widening is a 16-bit shift
     int16    a float16 word (a float16 array viewed as int16 by the caller, see `kernel_words`):
-             LLVM's `fpext half to float` on a CPU with F16C (vcvtph2ps, 8 words at a time: float16
-             decode of the 0.5B shape 2.6x faster), else the bit manipulation of `_f16_to_f32`
+             LLVM's `fpext half to float` on a CPU with F16C (vcvtph2ps, 8 words per instruction,
+             benchmarks/KERNELS.md, widen), else the bit manipulation of `_f16_to_f32`
 
-Numba also cannot reinterpret a scalar's bits (`x.view` works on arrays only), so the
-bit-casts below are LLVM `bitcast` instructions. Under NUMBA_DISABLE_JIT the Python bodies of
-`widen` and `widen_bf16_pair` run instead, using NumPy's own conversions.
+Numba cannot reinterpret a scalar's bits (`x.view` works on arrays only): the bit-casts below are
+LLVM `bitcast`s. Under NUMBA_DISABLE_JIT the Python bodies of `widen` and `widen_bf16_pair` run.
 """
 
 from __future__ import annotations

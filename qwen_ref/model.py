@@ -96,8 +96,10 @@ class QwenModel:
 
         Row t of the logits is the distribution of the token that follows tokens[t]. Only the selected
         rows go through the final norm and the LM head ([T, V] for a long prompt would be far larger
-        than the cache). A one-token step runs every layer in one call where `fused_decode` allows;
-        everything else runs `_decoder_layer` layer by layer.
+        than the cache). A one-token step runs all layers in one compiled call, `decoder_stack` (the numba
+        backend's `jitkernels.decode.DecoderStack`), when `fused_decode` is true. Prompts, and steps on
+        the numpy backend, on a backend that wraps the operations or with a recorder set, run
+        `_decoder_layer` layer by layer.
         """
         tokens = self._checked(tokens)  # [T]
         cache.reserve(len(tokens))
