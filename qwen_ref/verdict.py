@@ -9,9 +9,9 @@
     WRONG  anything else: a bug, or a different model or prompt.
 
 EXACT needs every criterion to pass, DRIFT every DRIFT criterion. No single statistic separates
-drift from bugs on every model: a random model's logits are nearly flat (0.5B shape: max |logit|
-3.2 over 152k tokens), so its distributions are near-uniform and even a bug gives a small KL,
-while on a trained, peaked model a bug moves the top tokens and KL and top-5 overlap show it.
+drift from bugs on every model: a random model's logits are nearly flat (the 0.5B shape's max
+|logit| is a few units over 152k tokens: benchmarks/verdict_cases.md), so its distributions are
+near-uniform and even a bug gives a small KL, while on a trained, peaked model a bug moves the top tokens and KL and top-5 overlap show it.
 NMSE (per position, the sum of squared differences over the reference row's sum of squared
 deviations from its mean; averaged over positions) does not depend on the logit scale: 1 means B is
 as far from A as A's spread itself.
