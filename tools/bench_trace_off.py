@@ -92,6 +92,7 @@ def main() -> None:
              f"{time.strftime('%Y-%m-%d')}, host: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPUs; "
              "checkpoint: random Qwen1.5-0.5B shape, bf16, warm in the page cache. One process, the same "
              "memory-mapped weights; rounds alternate which model runs first.", "",
+             f"CPU flags: {cpu.get('Flags', '?')}", "",
              "| workload | baseline median | hook median | hook / baseline | per-round ratios |", "|---|---|---|---|---|"]
     for name in workloads:
         base, hook = rates[name, "baseline"], rates[name, "hook"]
