@@ -39,13 +39,6 @@ from qwen_ref.suite_cases import Case
 DEFAULT_TOP_K = 20
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-probabilities of logits [n, V]."""
-    x = np.asarray(logits, dtype=np.float64)  # [n, V]
-    m = x.max(axis=-1, keepdims=True)  # [n, 1]
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))  # [n, V]
-
-
 def top_ids(row: np.ndarray, k: int) -> np.ndarray:
     """The k largest entries of row [V], by decreasing value then increasing id, so ties at the k-th value
     always keep the same tokens (argpartition alone would keep an arbitrary one of them)."""

@@ -16,12 +16,12 @@ import pytest
 
 from qwen_ref import cli
 from qwen_ref.backends import get_backend
+from qwen_ref.compare import log_softmax
 from qwen_ref.fingerprint import tokenizer_hash
 from qwen_ref.generation import logits_for_tokens
 from qwen_ref.model import load_model
 from qwen_ref.suite_engine import engine_line, tokenizer_line
 from qwen_ref.suite_judge import EXACT_MAX_DELTA, Verdict, judge_case
-from qwen_ref.suite_reference import log_softmax
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
