@@ -81,13 +81,18 @@ def read_jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, dict]]:
         if not line.strip():
             continue
         where = f"{_name(path)}: line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QwenRefError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(item, dict):
-            raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
-        yield number, where, item
+        yield number, where, json_object(line, where)
+
+
+def json_object(text: str, where: str) -> dict:
+    """One line of JSONL as a JSON object; a one-line error starting with `where` otherwise."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QwenRefError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(item, dict):
+        raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
+    return item
 
 
 def _name(path: str | Path) -> str:
