@@ -148,8 +148,9 @@ class LogitReport:
                       "first_argmax_mismatch": self.first_argmax_mismatch}
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis of a float64 [n, V] block."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of logits [n, V] (log softmax over the last axis)."""
+    x = np.asarray(logits, dtype=np.float64)  # [n, V]
     m = x.max(axis=-1, keepdims=True)  # [n, 1]
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))  # [n, V]
 
@@ -202,7 +203,7 @@ def compare_logits(
             top1_a[rows], top1_b[rows] = a.argmax(axis=-1), b.argmax(axis=-1)
             ta, tb = _top_k(a, k), _top_k(b, k)  # [n, k] each
             overlap[rows] = (ta[:, :, None] == tb[:, None, :]).sum(axis=(1, 2))
-            log_a, log_b = _log_softmax(a), _log_softmax(b)  # [n, V] each
+            log_a, log_b = log_softmax(a), log_softmax(b)  # [n, V] each
             kl[rows] = (np.exp(log_a) * (log_a - log_b)).sum(axis=-1)
             spread = ((a - a.mean(axis=-1, keepdims=True)) ** 2).sum(axis=-1)  # [n]
             with np.errstate(divide="ignore"):  # a constant row of A: 0 when B equals it, else inf

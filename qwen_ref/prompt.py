@@ -7,8 +7,10 @@ The files exist for long prompts: Linux refuses a single command-line argument o
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from qwen_ref.errors import QwenRefError
@@ -71,6 +73,26 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise QwenRefError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, dict]]:
+    """Each non-blank line of a JSONL file as (N, `PATH: line N`, its object); one-line errors name the line."""
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{_name(path)}: line {number}"
+        yield number, where, json_object(line, where)
+
+
+def json_object(text: str, where: str) -> dict:
+    """One line of JSONL as a JSON object; a one-line error starting with `where` otherwise."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QwenRefError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(item, dict):
+        raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
+    return item
 
 
 def _name(path: str | Path) -> str:

@@ -43,6 +43,7 @@ from qwen_ref.options import (
     layer_major,
 )
 from qwen_ref.perplexity import SCORE_CHUNK, target_log_probs
+from qwen_ref.prompt import json_object
 from qwen_ref.tokenizer import Tokenizer
 
 
@@ -152,12 +153,7 @@ def _token_list(value: object, where: str, vocab: int) -> list[int]:
 def parse_line(number: int, text: str, tokenizer: Tokenizer | None, vocab: int, context_size: int) -> Line:
     """One line of the input file as token ids, or one error naming the line."""
     where = f"line {number}"
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QwenRefError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(item, dict):
-        raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
+    item = json_object(text, where)
     if "context" in item or "continuations" in item:
         context, continuations = item.get("context"), item.get("continuations")
         if not isinstance(context, str) or not isinstance(continuations, list) or not continuations \

@@ -1,5 +1,6 @@
 """`qwen-ref suite make` and `qwen-ref suite check`: a reference suite of many prompts, and another
-engine's log-probabilities judged against it case by case (exact / drift / wrong, see suite_judge).
+engine's log-probabilities judged against it case by case (EXACT / DRIFT / WRONG, qwen_ref.verdict.Grade;
+the rules in suite_judge).
 
 make:  prompts.jsonl -> DIR/manifest.json, DIR/cases.jsonl, DIR/case-NNNNN.npz (suite_make, suite_reference)
 check: DIR + the engine's JSONL (suite_engine) -> a table, a summary, exit 0 when every case is accepted
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from qwen_ref.errors import QwenRefError
 from qwen_ref.options import (
     add_kv_dtype_option,
     add_prefill_options,
@@ -20,20 +23,11 @@ from qwen_ref.options import (
     positive_int,
 )
 from qwen_ref.suite_engine import check_same_cases, check_tokenizer, read_engine_outputs
-from qwen_ref.suite_judge import (
-    DRIFT_KL_MAX,
-    DRIFT_KL_MEAN,
-    DRIFT_OVERLAP,
-    DRIFT_TOP1,
-    EXACT_MAX_DELTA,
-    THRESHOLDS,
-    CaseReport,
-    Verdict,
-    judge_case,
-)
+from qwen_ref.suite_judge import DEFAULT_THRESHOLDS, CaseReport, Thresholds, judge_case
 from qwen_ref.suite_make import ModelSpec, make_suite
 from qwen_ref.suite_manifest import read_manifest
 from qwen_ref.suite_reference import DEFAULT_TOP_K, load_case
+from qwen_ref.verdict import ACCEPT_CHOICES, Grade
 
 # Suites judge other engines, which mostly run bf16 weights, 16-bit caches or quantized weights and so
 # can never be exact; what a suite exists to catch is a wrong case (a bug). --accept exact asks more
@@ -42,10 +36,12 @@ DEFAULT_ACCEPT = "drift"
 _CHECK_DESCRIPTION = (
     "Judges OTHER (JSONL: one {'id', 'tokens', 'top_logprobs': [{token id: logprob}, ...]} line per case, after an "
     "optional {'tokenizer': {...}} line; see qwen_ref/suite_engine.py) against the suite in DIR. A tokenizer or "
-    "token-id mismatch is refused (exit 2). Per case: exact if max |dlogprob| over the reference's top-K <= "
-    f"{EXACT_MAX_DELTA:g} and top-1 agrees (but near-ties); drift if KL(ref||other) over top-K + tail has mean <= "
-    f"{DRIFT_KL_MEAN:g} and max <= {DRIFT_KL_MAX:g} nats, top-1 agreement >= {DRIFT_TOP1:g}, top-K overlap >= "
-    f"{DRIFT_OVERLAP:g}; else wrong. Exit 0 if every case is at least as good as --accept, 1 otherwise."
+    "token-id mismatch is refused (exit 2); without a tokenizer line only the token ids are compared (a warning "
+    "says so). Per case: EXACT if max |dlogprob| over the reference's top-K <= atol + rtol * max(1, max |logit|) "
+    "(compare's EXACT rule) and top-1 agrees (but near-ties); DRIFT if KL(ref||other) over top-K + tail has mean "
+    "and max within --drift-kl-mean and --drift-kl-max nats, top-1 agreement >= --drift-top1 and mean top-K "
+    "overlap >= --drift-overlap (looser than compare's DRIFT: quantized engines); WRONG otherwise "
+    "(qwen_ref/suite_judge.py). Exit 0 if every case is at least as good as --accept, 1 otherwise."
 )
 
 
@@ -81,10 +77,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=_CHECK_DESCRIPTION)
     check.add_argument("suite", type=Path, help="the folder `suite make` wrote")
     check.add_argument("other", type=Path, help="the engine's outputs (JSONL)")
-    check.add_argument("--accept", choices=("exact", "drift"), default=DEFAULT_ACCEPT,
+    check.add_argument("--accept", choices=ACCEPT_CHOICES, default=DEFAULT_ACCEPT,
                        help="the worst verdict that passes (default: %(default)s: suites judge engines that run "
                             "16-bit or quantized arithmetic and exist to catch wrong ones)")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    limits = check.add_argument_group("the verdict")
+    d = DEFAULT_THRESHOLDS
+    limits.add_argument("--rtol", type=float, default=d.rtol,
+                        help="EXACT: tolerance relative to max(1, max |logit|), as in compare (default: %(default)g)")
+    limits.add_argument("--atol", type=float, default=d.atol,
+                        help="EXACT: absolute tolerance added to it (default: %(default)g)")
+    limits.add_argument("--drift-kl-mean", type=float, default=d.kl_mean, metavar="NATS",
+                        help="DRIFT: largest mean KL(ref || other) of a case (default: %(default)g)")
+    limits.add_argument("--drift-kl-max", type=float, default=d.kl_max, metavar="NATS",
+                        help="DRIFT: largest KL(ref || other) at any position (default: %(default)g)")
+    limits.add_argument("--drift-top1", type=float, default=d.top1, metavar="F",
+                        help="DRIFT: smallest fraction of positions whose top-1 agrees (default: %(default)g)")
+    limits.add_argument("--drift-overlap", type=float, default=d.overlap, metavar="F",
+                        help="DRIFT: smallest mean top-K overlap (default: %(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,44 +108,52 @@ def _run_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def judge_suite(suite_dir: Path, other: Path) -> list[CaseReport]:
+def judge_suite(suite_dir: Path, other: Path, limits: Thresholds = DEFAULT_THRESHOLDS) -> list[CaseReport]:
     """Every case's report, in suite order, after the tokenizer and the token ids were found the same."""
     manifest = read_manifest(suite_dir)
     header, engine = read_engine_outputs(other, manifest["vocab_size"])
+    if header is None and manifest["tokenizer"] is not None:
+        print(f"warning: {other} states no tokenizer (no first {{\"tokenizer\": ...}} line): the tokenizer metadata "
+              "check is skipped, only the token ids are compared", file=sys.stderr)
     check_tokenizer(header, manifest["tokenizer"])
     references = [load_case(suite_dir / case["file"]) for case in manifest["cases"]]
     check_same_cases([(case["id"], tuple(ref["tokens"].tolist())) for case, ref in zip(manifest["cases"], references)],
                      engine, manifest["top_k"])
-    return [judge_case(case["id"], ref["top_ids"], ref["top_logprobs"], ref["tail_logprob"], engine[case["id"]].top)
+    return [judge_case(case["id"], ref["top_ids"], ref["top_logprobs"], ref["tail_logprob"], ref["max_abs_logit"],
+                       engine[case["id"]].top, limits)
             for case, ref in zip(manifest["cases"], references)]
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    reports = judge_suite(args.suite, args.other)
-    accept = Verdict[args.accept.upper()]
-    counts = {str(v): sum(r.verdict == v for r in reports) for v in Verdict}
+    limits = Thresholds(args.rtol, args.atol, args.drift_kl_mean, args.drift_kl_max, args.drift_top1,
+                        args.drift_overlap)
+    if not all(value >= 0 for value in asdict(limits).values()):  # also refuses NaN
+        raise QwenRefError("--rtol, --atol and the --drift-* thresholds must be non-negative")
+    reports = judge_suite(args.suite, args.other, limits)
+    accept = Grade[args.accept.upper()]
+    counts = {g.name: sum(r.verdict == g for r in reports) for g in Grade}
     ok = all(r.verdict <= accept for r in reports)
     if args.json:
-        print(json.dumps({"suite": str(args.suite), "other": str(args.other), "accept": args.accept,
-                          "thresholds": THRESHOLDS, "kl_direction": "KL(reference || other), nats",
+        print(json.dumps({"suite": str(args.suite), "other": str(args.other), "accept": accept.name,
+                          "thresholds": asdict(limits), "kl_direction": "KL(reference || other), nats",
                           "cases": [r.to_dict() for r in reports], "counts": counts, "ok": ok}))
     else:
         print(_table(reports))
-        print(f"{len(reports)} cases: {counts['exact']} exact, {counts['drift']} drift, {counts['wrong']} wrong; "
-              f"accept {args.accept}: {'PASS' if ok else 'FAIL'}")
+        print(f"{len(reports)} cases: {counts['EXACT']} EXACT, {counts['DRIFT']} DRIFT, {counts['WRONG']} WRONG; "
+              f"accept {accept.name}: {'PASS' if ok else 'FAIL'}")
     if not ok and not args.json:
         first = next(r for r in reports if r.verdict > accept)
-        print(f"first case worse than {args.accept}: {first.id!r} ({first.verdict})", file=sys.stderr)
+        print(f"first case worse than {accept.name}: {first.id!r} ({first.verdict.name})", file=sys.stderr)
     return 0 if ok else 1
 
 
 def _table(reports: list[CaseReport]) -> str:
     width = max(4, *(len(r.id) for r in reports))
     head = (f"{'case':<{width}}  {'verdict':<7}  {'pos':>4}  {'KL max':>9}  {'KL mean':>9}  {'top-1':>9}  "
-            f"{'top-K ovl':>9}  {'max|dlogp|':>10}")
+            f"{'top-K ovl':>9}  {'max|dlogp|':>10}  {'tolerance':>9}")
     lines = [head, "-" * len(head)]
     for r in reports:
-        lines.append(f"{r.id:<{width}}  {r.verdict!s:<7}  {r.positions:>4}  {r.kl_max:>9.2e}  {r.kl_mean:>9.2e}  "
-                     f"{f'{r.top1_agree}/{r.positions}':>9}  {r.overlap_mean:>9.3f}  {r.max_abs_delta:>10.2e}")
+        lines.append(f"{r.id:<{width}}  {r.verdict.name:<7}  {r.positions:>4}  {r.kl_max:>9.2e}  {r.kl_mean:>9.2e}  "
+                     f"{f'{r.top1_agree}/{r.positions}':>9}  {r.overlap_mean:>9.3f}  {r.max_abs_delta:>10.2e}  {r.tolerance:>9.2e}")
     lines.append("KL is KL(reference || other) in nats over the reference's top-K tokens and one tail bucket")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qwen_ref.chat_template import ChatTemplate
 from qwen_ref.errors import QwenRefError
-from qwen_ref.prompt import read_text
+from qwen_ref.prompt import read_jsonl_objects
 from qwen_ref.tokenizer import Tokenizer
 
 _KEYS = {"id", "text", "chat", "tokens"}
@@ -34,16 +34,7 @@ def read_cases(path: Path, model_dir: Path, tokenizer: Tokenizer | None, vocab_s
     cases: list[Case] = []
     seen: dict[str, int] = {}
     template: ChatTemplate | None = None  # loaded at the first chat case: token-only suites need no template
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QwenRefError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(item, dict):
-            raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
+    for number, where, item in read_jsonl_objects(path):
         unknown = sorted(set(item) - _KEYS)
         if unknown:
             raise QwenRefError(f"{where}: unknown field {unknown[0]!r} (a case has {', '.join(sorted(_KEYS))})")

@@ -7,22 +7,11 @@ system every worker sees, at the same path (as must the checkpoint). A worker th
 its case rescheduled on another; a killed driver takes a local cluster's workers with it and the next
 run resumes from the files that exist.
 
-Why dask.distributed and not Ray (measured on 2 cores, 23 GB, Python 3.11; ray 2.60, distributed
-2026.8; both tried with the same probe of a 2-worker local cluster):
-- start: ~2 s for LocalCluster(2 processes) against ~8 s for ray.init plus actors;
-- memory: 4 processes, ~150 MB PSS in all against 10 processes, ~510 MB PSS (Ray's GCS, raylet,
-  dashboard and runtime-env agents, before any model is loaded);
-- a SIGKILLed driver: dask's workers exited with it; Ray left two agent processes running, which
-  ignored SIGTERM;
-- install: ~25 MB of pure Python against ~240 MB.
-In both, each worker maps the checkpoint itself and nothing crosses the object store or the scheduler;
-the mapped pages are shared (two workers reading one 537 MB mapped file: dask 602 MB RSS but 45 MB
-unique each, Ray 704 MB and 72 MB).
-One dask setting matters: a worker's memory monitor counts the mapped pages it has read as its own
-memory (measured: two workers mapping one 537 MB file were each counted at 574 MiB and restarted by a
-400 MB limit, though the kernel holds those pages once, in the page cache). So the local cluster runs
-without a memory limit, and the workers of an existing cluster should be started with
-`--memory-limit 0` (or a limit above the checkpoint's size). Ray's memory monitor was not measured.
+dask.distributed rather than Ray because, on the 2-core host measured, it started faster, used a third of
+the memory before any model loaded, and left no process behind a killed driver (benchmarks/suite_cluster_choice.md).
+A worker's memory monitor counts the mapped checkpoint pages it has read as its own memory, though
+the page cache holds them once: so the local cluster runs without a memory limit, and the workers of
+an existing cluster should be started with `--memory-limit 0` (or a limit above the checkpoint's size).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_ref.errors import QwenRefError
-from qwen_ref.prompt import read_text
+from qwen_ref.prompt import read_jsonl_objects
 from qwen_ref.suite_reference import top_ids
 
 TOKENIZER_FIELDS = ("sha256", "special_tokens", "eos_token_id", "bos_token_id", "pad_token_id", "chat_template_sha256")
@@ -50,16 +50,7 @@ def read_engine_outputs(path: Path, vocab_size: int) -> tuple[dict | None, dict[
     """(the stated tokenizer or None, cases by id) of an engine's JSONL file; one-line errors name the line."""
     header: dict | None = None
     cases: dict[str, EngineCase] = {}
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QwenRefError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(item, dict):
-            raise QwenRefError(f"{where}: want a JSON object, got {type(item).__name__}")
+    for _, where, item in read_jsonl_objects(path):
         if "tokenizer" in item:
             if cases or header is not None or set(item) != {"tokenizer"} or not isinstance(item["tokenizer"], dict):
                 raise QwenRefError(f"{where}: the tokenizer line must come first, alone: {{\"tokenizer\": {{...}}}}")

@@ -21,7 +21,7 @@ from qwen_ref.model import QwenModel
 from qwen_ref.suite_cases import Case, case_file_name, cases_jsonl
 from qwen_ref.tokenizer import Tokenizer
 
-FORMAT = "qwen-ref suite 1"
+FORMAT = "qwen-ref suite 2"  # 2: case files hold max_abs_logit
 MANIFEST = "manifest.json"
 CASES = "cases.jsonl"
 # how weights.py holds each stored dtype (bfloat16 as raw 16-bit words)
@@ -121,5 +121,8 @@ def read_manifest(suite_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise QwenRefError(f"{path}: unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if isinstance(manifest, dict) and str(manifest.get("format")).startswith("qwen-ref suite "):
+            raise QwenRefError(f"{path}: a {manifest['format']!r} suite, this qwen-ref reads {FORMAT!r}: "
+                               "make it again (`qwen-ref suite make` with a new --out)")
         raise QwenRefError(f"{path}: not a {FORMAT!r} manifest")
     return manifest

@@ -16,6 +16,8 @@ A case file (`case-00000.npz`, written by `npz.save_npz`, so the same values giv
     tail_logprob   float64 [T]     log(1 - sum of the top-K probabilities), from the other V - K logits
                                    (-inf when K = V)
     next_logprob   float64 [T-1]   log-probability of the token that actually follows, tokens[t+1]
+    max_abs_logit  float64 [T]     max |logit| of the row (float32 values, exact): the scale of the EXACT
+                                   tolerance of `suite check`, as `qwen-ref compare` takes it
     logits         float32 [T, V]  only with --full-logits
 
 It is written to a temporary name and renamed, so a case file exists whole or not at all: a killed
@@ -39,13 +41,6 @@ from qwen_ref.suite_cases import Case
 DEFAULT_TOP_K = 20
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-probabilities of logits [n, V]."""
-    x = np.asarray(logits, dtype=np.float64)  # [n, V]
-    m = x.max(axis=-1, keepdims=True)  # [n, 1]
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))  # [n, V]
-
-
 def top_ids(row: np.ndarray, k: int) -> np.ndarray:
     """The k largest entries of row [V], by decreasing value then increasing id, so ties at the k-th value
     always keep the same tokens (argpartition alone would keep an arbitrary one of them)."""
@@ -61,9 +56,11 @@ def compact_reference(logits: np.ndarray, tokens: np.ndarray, top_k: int) -> dic
     best_ids = np.empty((T, k), dtype=np.int32)  # [T, K]
     best_logprobs = np.empty((T, k))  # [T, K]
     tail = np.empty(T)  # [T]
+    max_abs_logit = np.empty(T)  # [T]
     next_logprob = np.empty(T - 1)  # [T-1]
     for t in range(T):  # row by row: one float64 [V] row at a time, never a [T, V] copy
         x = logits[t].astype(np.float64)  # [V]
+        max_abs_logit[t] = np.abs(x).max()
         ids = top_ids(x, k)  # [K]: log_softmax keeps the order
         m = x[ids[0]]  # the row's max
         e = np.exp(x - m)  # [V]
@@ -75,7 +72,7 @@ def compact_reference(logits: np.ndarray, tokens: np.ndarray, top_k: int) -> dic
         if t + 1 < T:
             next_logprob[t] = x[tokens[t + 1]] - lse
     return {"tokens": np.asarray(tokens, dtype=np.int64), "top_ids": best_ids, "top_logprobs": best_logprobs,
-            "tail_logprob": tail, "next_logprob": next_logprob}
+            "tail_logprob": tail, "next_logprob": next_logprob, "max_abs_logit": max_abs_logit}
 
 
 def make_case(model: QwenModel, case: Case, path: Path, top_k: int, full_logits: bool, chunk: int) -> float:

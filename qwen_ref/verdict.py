@@ -15,6 +15,10 @@ near-uniform and even a bug gives a small KL, while on a trained, peaked model a
 NMSE (per position, the sum of squared differences over the reference row's sum of squared
 deviations from its mean; averaged over positions) does not depend on the logit scale: 1 means B is
 as far from A as A's spread itself.
+
+`qwen-ref suite check` grades with the same Grade and the same EXACT tolerance, applied to the
+log-probabilities of a suite's top-K tokens, and a looser DRIFT (qwen_ref.suite_judge; README.md,
+"Verdicts", has the two side by side).
 """
 
 from __future__ import annotations

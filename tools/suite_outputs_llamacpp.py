@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import Llama
 
+from qwen_ref.compare import log_softmax
 from qwen_ref.suite_engine import engine_line, tokenizer_line
-from qwen_ref.suite_reference import log_softmax
 
 
 def main() -> None:
