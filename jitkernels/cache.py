@@ -2,7 +2,7 @@
 
 Numba's `cache=True` writes beside the source by default: into site-packages for a regular install,
 which may be read-only and must not be written by a running program. The kernels are cached instead
-in a folder keyed by the package's version and sources, Numba and Python, under `$NUMBA_CACHE_DIR`
+in a folder keyed by the package's version and sources, Numba, NumPy and Python, under `$NUMBA_CACHE_DIR`
 if the user set it, else under the per-user cache folder (`$XDG_CACHE_HOME`, by default
 `~/.cache`), in `qwen-ref/`. A key that changes with any kernel source also means a stale callee is
 never loaded: Numba itself checks only the file a cached function is written in. Where no such
@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numba
+import numpy
 from numba.core import config, event
 from numba.core.caching import UserProvidedCacheLocator
 
@@ -48,8 +49,9 @@ def _version() -> str:
 
 
 def _key() -> str:
-    """Changes with any kernel source, Numba or Python, so no folder ever holds two builds' code."""
-    digest = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
+    """Changes with any kernel source, Numba, NumPy (whose BLAS `jitkernels.blas` binds kernels to) or Python,
+    so no folder ever holds two builds' code."""
+    digest = hashlib.sha256(f"{numba.__version__} {numpy.__version__} {sys.version}".encode())
     for path in sorted(PACKAGE.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"{_version()}-{digest.hexdigest()[:16]}"
