@@ -29,10 +29,13 @@ SIMD lanes: the summation order differs from BLAS's, but it is fixed for given s
 are reproducible and do not depend on the thread count) and `contract` (fused multiply-add).
 Neither assumes finite values, so inf and nan propagate.
 
-Why not widen a block of rows and call NumPy's BLAS for the prefill, as the twin does? Alone, BLAS
-is ahead on float32 weights, but between Numba kernels, OpenBLAS's worker threads and Numba's spin
-while the other pool works: in a layer-like sequence the BLAS route fell to ~90 GFLOP/s at T = 512
-and ~25 at T = 64, where a Numba GEMM kept ~140 and ~100. See tools/bench_kernels.py.
+The prefill has a second kernel, `gemm="blas"` (`jitkernels.gemm_blas`): blocks of weight rows widened
+to float32 and multiplied by NumPy's OpenBLAS sgemm, called from each Numba thread with OpenBLAS held
+at one thread. Calling BLAS between Numba kernels the plain way (widen, then `x @ W.T` on OpenBLAS's
+own threads) stalled: each pool's idle threads spin while the other works, so on 2 cores one of them
+is descheduled for a time slice (a layer-like sequence fell to ~0.2-0.5x of this module's GEMM).
+Which kernel runs is the host's choice (`jitkernels.choice`); see
+benchmarks/prefill_paths_intel-xeon-avx512.md.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from numba import njit
 import jitkernels
 import jitkernels.widen as widen_module
 from jitkernels import blas, gemm_blas
-from jitkernels.matmul import GEMMS
 from jitkernels.exp import exp32
+from jitkernels.matmul import GEMMS
 from jitkernels.narrow import narrow
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.kv_cache import KV_DTYPES, round_to_kv_dtype
