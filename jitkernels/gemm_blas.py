@@ -30,8 +30,8 @@ from jitkernels.widen import widen
 _FASTMATH = {"reassoc", "contract"}
 # Bytes of float32 scratch per block of weight rows (a multiple of 16 rows, at least 16): the size of
 # the L2 of the smaller server cores (512 KB). Larger blocks let sgemm pack x less often per weight:
-# 128 KB blocks lost 10-20% of a layer's GFLOP/s, 512 KB to 2 MB were within the noise of each other
-# (benchmarks/prefill_paths_intel-xeon-avx512.md).
+# 128 KB blocks were ~1.25x slower, 512 KB to 2 MB within noise of each other (one noisy host:
+# benchmarks/prefill_paths_intel-xeon-avx512.md, "Block size").
 _BLOCK_BYTES = 512 * 1024
 
 

@@ -625,6 +625,7 @@ _SMOKE = textwrap.dedent(
     """
     import numpy as np
     import jitkernels
+    from jitkernels import blas
     from qwen_ref.backends import NUMPY
 
     rng = np.random.default_rng(0)
@@ -641,6 +642,10 @@ _SMOKE = textwrap.dedent(
             for got, want in zip(jitkernels.linears(rows, (w, w), (b, None)), NUMPY.linears(rows, (w, w), (b, None))):
                 worst = max(worst, np.abs(got - want).max())
             worst = max(worst, np.abs(jitkernels.swiglu(rows, w, w) - NUMPY.swiglu(rows, w, w)).max())
+        if blas.available():  # the prefill GEMM through NumPy's BLAS: its kernels are cached like the others
+            for got, want in zip(jitkernels.linears(x, (w, w), (b, None), "blas"), NUMPY.linears(x, (w, w), (b, None))):
+                worst = max(worst, np.abs(got - want).max())
+            worst = max(worst, np.abs(jitkernels.swiglu(x, w, w, "blas") - NUMPY.swiglu(x, w, w)).max())
         worst = max(worst, np.abs(jitkernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
     cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
