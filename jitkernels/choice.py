@@ -69,6 +69,8 @@ def choose_gemm(requested: str = "auto") -> GemmChoice:
         return GemmChoice(KERNELS[requested], f"forced by {why}")
     if not blas.available():
         return GemmChoice("numba", blas.UNAVAILABLE)
+    if numba.config.DISABLE_JIT:  # plain Python kernels: timing them would take minutes and say nothing
+        return GemmChoice("numba", "NUMBA_DISABLE_JIT is set: not measured")
     return _measured(numba.get_num_threads())
 
 
