@@ -7,7 +7,9 @@ backend (linear, linears, rms_norm, apply_rope, attention, swiglu) return new ar
 into their inputs; widen_rows fills the array it is given. No kernel knows a checkpoint, a config or
 qwen_ref; one module composes them into a model layer: `decode.py`'s `DecoderStack` runs a decode
 step's pre-norm decoder layers in one call. `attention.py` deals attention's work items to threads;
-`attention_items.py` computes one.
+`attention_items.py` computes one. The products of T >= 4 rows (the prefill) have two kernels,
+Numba's own or widen-then-BLAS; `choose_gemm` picks one for the host (`choice.py`) and `linear`,
+`linears` and `swiglu` take it as `gemm=`.
 
 Every kernel is compiled with `cache=CACHE` (`cache.py`): the first process compiles, announced on
 stderr; later ones load machine code from a per-user folder keyed by these sources, so an edit to
@@ -18,6 +20,7 @@ from jitkernels import cache
 
 with cache.numba_cache_dir():  # every kernel module is first imported here, so all are cached there
     from jitkernels.attention import attention
+    from jitkernels.choice import KERNEL_CHOICES, choose_gemm
     from jitkernels.decode import DecoderStack
     from jitkernels.matmul import linear, linears, swiglu
     from jitkernels.norm import rms_norm
@@ -25,4 +28,5 @@ with cache.numba_cache_dir():  # every kernel module is first imported here, so 
     from jitkernels.widen import widen_rows
 cache.install_listeners()
 
-__all__ = ["DecoderStack", "apply_rope", "attention", "linear", "linears", "rms_norm", "swiglu", "widen_rows"]
+__all__ = ["KERNEL_CHOICES", "DecoderStack", "apply_rope", "attention", "choose_gemm", "linear", "linears", "rms_norm",
+           "swiglu", "widen_rows"]

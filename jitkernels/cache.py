@@ -3,8 +3,8 @@
 Numba's `cache=True` writes beside the source by default: into site-packages, which may be read-only
 and must not be written by a running program. The kernels are cached instead in `qwen-ref/` under
 `$NUMBA_CACHE_DIR` if set, else the per-user cache folder (`$XDG_CACHE_HOME`, by default `~/.cache`),
-in a folder keyed by the package's version and all its sources, Numba and Python, so a stale callee
-is never loaded (Numba checks only a cached function's own file). Without a writable folder (or
+in a folder keyed by the package's version and all its sources, Numba, NumPy and Python, so a stale
+callee is never loaded (Numba checks only a cached function's own file). Without a writable folder (or
 HOME), every process compiles afresh and says so.
 
 Numba's cache is not safe for concurrent writers (numba issue #4807): a function's index is read,
@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numba
+import numpy
 from numba.core import config, event
 from numba.core.caching import UserProvidedCacheLocator
 
@@ -45,8 +46,9 @@ def _version() -> str:
 
 
 def _key() -> str:
-    """Changes with any kernel source, Numba or Python, so no folder ever holds two builds' code."""
-    digest = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
+    """Changes with any kernel source, Numba, NumPy (whose BLAS `jitkernels.blas` binds kernels to) or Python,
+    so no folder ever holds two builds' code."""
+    digest = hashlib.sha256(f"{numba.__version__} {numpy.__version__} {sys.version}".encode())
     for path in sorted(PACKAGE.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"{_version()}-{digest.hexdigest()[:16]}"

@@ -29,10 +29,13 @@ SIMD lanes: the summation order differs from BLAS's, but it is fixed for given s
 are reproducible and do not depend on the thread count) and `contract` (fused multiply-add).
 Neither assumes finite values, so inf and nan propagate.
 
-Why not widen a block of rows and call NumPy's BLAS for the prefill, as the twin does? Alone, BLAS
-is ahead on float32 weights, but between Numba kernels, OpenBLAS's worker threads and Numba's spin
-while the other pool works: in a layer-like sequence the BLAS route fell to ~90 GFLOP/s at T = 512
-and ~25 at T = 64, where a Numba GEMM kept ~140 and ~100. See tools/bench_kernels.py.
+The prefill has a second kernel, `gemm="blas"` (`jitkernels.gemm_blas`): blocks of weight rows widened
+to float32 and multiplied by NumPy's OpenBLAS sgemm, called from each Numba thread with OpenBLAS held
+at one thread. Calling BLAS between Numba kernels the plain way (widen, then `x @ W.T` on OpenBLAS's
+own threads) stalled: each pool's idle threads spin while the other works, so on 2 cores one of them
+is descheduled for a time slice (a layer-like sequence fell to ~0.2-0.5x of this module's GEMM).
+Which kernel runs is the host's choice (`jitkernels.choice`); see
+benchmarks/prefill_paths_intel-xeon-avx512.md.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from jitkernels.cache import CACHE
+from jitkernels.gemm_blas import linears_blas, swiglu_blas
 from jitkernels.microkernel import block_4x16
 from jitkernels.silu import silu
 from jitkernels.widen import as_kernel_dtype, widen, widen_bf16_pair
 
 _FASTMATH = {"reassoc", "contract"}
+GEMMS = ("numba", "blas")  # the kernels for T >= 4: _gemm and _gemm_swiglu here, or jitkernels.gemm_blas
 # Up to this many rows of x, reading each weight row once and dotting it with every row beats
 # widening tiles (one thread, [2816, 1024] bf16: 0.46 ms against 0.71 ms at T = 2, even at T = 4).
 _GEMV_MAX_ROWS = 3
@@ -60,24 +65,25 @@ _MAX_GROUP = 4
 _WIDEN_CHUNK = 256
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, gemm: str = "numba") -> np.ndarray:
     """y = x @ weight.T + bias in float32; NumPy twin: `qwen_ref.linear.linear`.
 
     x: [T, n_in] float32; weight: [n_out, n_in] float32, float16 or bfloat16 words (uint16);
-    bias: [n_out] in a stored dtype, or None. Returns a new [T, n_out] float32 array.
+    bias: [n_out] in a stored dtype, or None. Returns a new [T, n_out] float32 array. `gemm` names
+    the kernel for T >= 4 (`GEMMS`: this module's `_gemm`, or `jitkernels.gemm_blas`).
     """
-    (y,) = linears(x, (weight,), (bias,))
+    (y,) = linears(x, (weight,), (bias,), gemm)
     return y
 
 
 def linears(
-    x: np.ndarray, weights: tuple[np.ndarray, ...], biases: tuple[np.ndarray | None, ...]
+    x: np.ndarray, weights: tuple[np.ndarray, ...], biases: tuple[np.ndarray | None, ...], gemm: str = "numba"
 ) -> tuple[np.ndarray, ...]:
     """(x @ W.T + b for each W, b): projections of one input; NumPy twin: `qwen_ref.linear.linears`.
 
     The weights share a dtype and n_in. For a few rows of x (decode) they are read in one parallel
-    pass, so q, k and v cost one wake-up of the threads instead of three. This wrapper runs once
-    per projection per token, so it keeps its Python work small.
+    pass, so q, k and v cost one wake-up of the threads instead of three; so they are for T >= 4 on
+    the "blas" GEMM. This wrapper runs once per projection per token, so it keeps its Python work small.
     """
     if len(biases) != len(weights):
         raise ValueError(f"linears: {len(weights)} weights but {len(biases)} biases")
@@ -90,17 +96,20 @@ def linears(
     ys = tuple(np.empty((x.shape[0], len(w)), dtype=np.float32) for w in ws)  # [T, n_out_i]
     if gemv:
         _gemv(x, ws, bs, ys)
+    elif _check_gemm(gemm) == "blas":
+        linears_blas(x, ws, bs, ys)
     else:
         for w, b, y in zip(ws, bs, ys):
             _gemm(x, w, b, y, numba.get_num_threads())
     return ys
 
 
-def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
+def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, gemm: str = "numba") -> np.ndarray:
     """silu(x @ w_gate.T) * (x @ w_up.T); NumPy twin: `qwen_ref.mlp.swiglu`.
 
     One parallel pass over both weights, the gate applied as each block of outputs is done
-    (`_gemv_swiglu` for a few rows of x, `_gemm_swiglu` for more). Returns a new [T, F] float32 array.
+    (`_gemv_swiglu` for a few rows of x, `_gemm_swiglu` or `gemm_blas.swiglu_blas` for more, as `gemm`
+    says). Returns a new [T, F] float32 array.
     """
     if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
         raise ValueError(f"swiglu: gate {w_gate.shape} {w_gate.dtype} and up {w_up.shape} {w_up.dtype} differ")
@@ -110,9 +119,17 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray) -> np.ndarray:
     y = np.empty((x.shape[0], len(wg)), dtype=np.float32)  # [T, F]
     if gemv:
         _gemv_swiglu(x, wg, wu, y)
+    elif _check_gemm(gemm) == "blas":
+        swiglu_blas(x, wg, wu, y)
     else:
         _gemm_swiglu(x, wg, wu, y, numba.get_num_threads())
     return y
+
+
+def _check_gemm(gemm: str) -> str:
+    if gemm not in GEMMS:
+        raise ValueError(f"unknown GEMM {gemm!r} (choose from {', '.join(GEMMS)})")
+    return gemm
 
 
 def _kernel_weight(w: np.ndarray, x: np.ndarray, gemv: bool) -> np.ndarray:

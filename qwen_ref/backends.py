@@ -7,6 +7,7 @@ written once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class Backend:
     # A backend that wraps another's operations (rounding or timing them) sets it to None, so that its
     # own operations are the ones that run (QwenModel.fused_decode).
     decoder_stack: Callable | None = None
+    kernels: str = ""  # which kernel runs where a backend has several, and why (numba: the prefill GEMM)
 
 
 NUMPY = Backend(
@@ -42,31 +44,41 @@ NUMPY = Backend(
 )
 
 BACKEND_NAMES = ("numpy", "numba")
+# --kernels: which prefill GEMM the numba backend runs (jitkernels.choice; the numpy backend has one)
+KERNEL_CHOICES = ("auto", "numba-gemm", "blas-gemm")
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called `name`."""
+def get_backend(name: str, kernels: str = "auto") -> Backend:
+    """The backend called `name`; for numba, with the prefill GEMM that `kernels` names (KERNEL_CHOICES:
+    auto lets $QWEN_REF_KERNELS, then a measurement cached per CPU, decide)."""
+    if kernels not in KERNEL_CHOICES:
+        raise QwenRefError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNEL_CHOICES)})")
     if name == "numpy":
         return NUMPY
     if name == "numba":
-        return _numba_backend()
+        return _numba_backend(kernels)
     raise QwenRefError(f"unknown backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")
 
 
-def _numba_backend() -> Backend:
+def _numba_backend(kernels: str) -> Backend:
     """The JIT kernels of the `jitkernels` package, imported only when asked for, so that `import qwen_ref`
     stays light and the numpy backend works where Numba is missing or cannot compile."""
     try:
         import jitkernels
     except ImportError as exc:
         raise QwenRefError(f"the numba backend is unavailable: {exc}") from None
+    try:
+        choice = jitkernels.choose_gemm(kernels)
+    except ValueError as exc:
+        raise QwenRefError(str(exc)) from None
     return Backend(
         "numba",
-        linear=jitkernels.linear,
-        linears=jitkernels.linears,
+        linear=functools.partial(jitkernels.linear, gemm=choice.gemm),
+        linears=functools.partial(jitkernels.linears, gemm=choice.gemm),
         rms_norm=jitkernels.rms_norm,
         apply_rope=jitkernels.apply_rope,
         attention=jitkernels.attention,
-        swiglu=jitkernels.swiglu,
+        swiglu=functools.partial(jitkernels.swiglu, gemm=choice.gemm),
         decoder_stack=jitkernels.DecoderStack,
+        kernels=f"prefill GEMM {choice}",
     )

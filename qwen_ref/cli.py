@@ -162,7 +162,7 @@ def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel
 
 def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
     started = time.perf_counter()
-    model = load_model(args.model, get_backend(args.backend), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
+    model = load_model(args.model, get_backend(args.backend, args.kernels), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
     if model.pager is not None and args.layer_major == "auto" and not args.quiet:
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
               "prompts run layer-major, each layer read once per prompt", file=sys.stderr)
@@ -348,7 +348,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 def _run_selfcheck(args: argparse.Namespace) -> int:
     from qwen_ref.selfcheck import run_selfcheck
 
-    return 0 if run_selfcheck(get_backend(args.backend), layer_major(args)) else 1
+    return 0 if run_selfcheck(get_backend(args.backend, args.kernels), layer_major(args)) else 1
 
 
 COMMANDS = {

@@ -264,8 +264,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def kernels_line() -> str:
+    """The prefill GEMM the numba backend's `--kernels auto` runs on this host, and why (not measured here)."""
+    try:
+        import numba
+
+        from jitkernels.choice import describe_auto
+    except ImportError as exc:
+        return f"the numba backend is unavailable: {exc}"
+    return f"prefill GEMM {describe_auto(numba.get_num_threads())}"
+
+
 def run(args: argparse.Namespace) -> int:
     """`qwen-ref info`: always 0 (bad input raises QwenRefError)."""
-    info = model_info(args.model, args.context)
-    print(json.dumps(info) if args.json else format_info(info))
+    info = model_info(args.model, args.context) | {"kernels": kernels_line()}
+    print(json.dumps(info) if args.json else format_info(info) + f"\nkernels         {info['kernels']}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen_ref.backends import BACKEND_NAMES
+from qwen_ref.backends import BACKEND_NAMES, KERNEL_CHOICES
 from qwen_ref.generation import PREFILL_CHUNK
 from qwen_ref.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
@@ -24,8 +24,15 @@ def positive_int(text: str) -> int:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--backend, --threads and --layer-major, for every command that runs the model (`cli.main` applies --threads)."""
+    """--backend, --kernels, --threads and --layer-major, for every command that runs the model (`cli.main` applies
+    --threads)."""
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=DEFAULT_BACKEND, help="(default: %(default)s)")
+    parser.add_argument(
+        "--kernels", choices=KERNEL_CHOICES, default="auto",
+        help="the numba backend's prompt (T >= 4) matrix products: its own tiled kernel, or weights widened to "
+             "float32 blocks for NumPy's BLAS; auto takes $QWEN_REF_KERNELS if set, else the faster on this CPU, "
+             "measured once and cached (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=positive_int, help="threads for the kernels and BLAS (default: all cores)")
     parser.add_argument(
         "--layer-major", choices=LAYER_MAJOR, default="auto",

@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise QwenRefError(f"{args.file} is {len(tokens)} token(s); perplexity needs 2 (the first is never predicted)")
     sliding_windows(len(tokens), ctx, stride)  # reject a bad --ctx/--stride before loading the model
-    model = load_model(args.model, get_backend(args.backend), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
+    model = load_model(args.model, get_backend(args.backend, args.kernels), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
 
     def report(i: int, n: int, running: float) -> None:
         if not args.quiet:

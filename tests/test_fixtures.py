@@ -18,6 +18,12 @@ from qwen_ref.sampling import Sampler, SamplingParams
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
 
 
+def blas_available() -> bool:
+    from jitkernels import blas
+
+    return blas.available()
+
+
 def test_every_fixture_case_is_present():
     # the suite must not pass vacuously if the fixtures go missing
     assert len(CASES) >= 10, CASES
@@ -47,6 +53,30 @@ def test_greedy_generation_matches_transformers_token_for_token(case, backend_na
     expected = ref["greedy_tokens"].tolist()
     generated = list(generate(model, ref["prompt_tokens"].tolist(), int(ref["max_new_tokens"]), gen.eos_token_ids, sampler))
     assert generated == expected
+
+
+# every prefill GEMM of the numba backend (`--kernels`), forced whatever this host's auto choice is
+GEMM_KERNELS = ["numba-gemm", pytest.param("blas-gemm", marks=pytest.mark.skipif(
+    not blas_available(), reason="NumPy's BLAS is not an OpenBLAS that jitkernels can call"))]
+
+
+@pytest.mark.parametrize("kernels", GEMM_KERNELS)
+@pytest.mark.parametrize("case", CASES)
+def test_every_prefill_gemm_matches_transformers_the_numpy_spec_and_its_greedy_tokens(case, kernels):
+    model = load_model(FIXTURES / case, get_backend("numba", kernels))
+    assert model.backend.kernels.startswith(f"prefill GEMM {kernels} (forced")
+    ref = np.load(FIXTURES / case / "reference.npz")
+    prompt = ref["prompt_tokens"]
+    logits = model.forward(prompt, model.new_cache(len(prompt)))  # [T, V]
+    report = compare_logits(ref["logits"], logits[ref["logit_positions"]])
+    assert report.ok, report.summary()
+    spec = load_model(FIXTURES / case, get_backend("numpy"))
+    report = compare_logits(spec.forward(prompt, spec.new_cache(len(prompt))), logits)
+    assert report.ok, report.summary()
+    gen = load_generation_config(FIXTURES / case, model.config)
+    sampler = Sampler(SamplingParams.from_generation_config(gen))
+    generated = list(generate(model, prompt.tolist(), int(ref["max_new_tokens"]), gen.eos_token_ids, sampler))
+    assert generated == ref["greedy_tokens"].tolist()
 
 
 def test_eos_fixture_really_stops_early_on_an_eos_id():

@@ -23,7 +23,9 @@ from numba import njit
 
 import jitkernels
 import jitkernels.widen as widen_module
+from jitkernels import blas, gemm_blas
 from jitkernels.exp import exp32
+from jitkernels.matmul import GEMMS
 from jitkernels.narrow import narrow
 from qwen_ref.attention import attention as attention_twin
 from qwen_ref.kv_cache import KV_DTYPES, round_to_kv_dtype
@@ -40,6 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 U = 2.0**-24  # float32 unit roundoff
 STORED_DTYPES = ["F32", "F16", "BF16"]
 seeds = st.integers(0, 2**32 - 1)
+# every prefill GEMM (jitkernels.matmul.GEMMS); the blas one needs NumPy's OpenBLAS, which its wheels ship
+EVERY_GEMM = pytest.mark.parametrize("gemm", [
+    pytest.param(g, marks=pytest.mark.skipif(g == "blas" and not blas.available(), reason=blas.UNAVAILABLE))
+    for g in GEMMS])
 
 
 def stored(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -179,6 +185,7 @@ def sum_order_bound(abs_x: np.ndarray, abs_w: np.ndarray, abs_b: np.ndarray | fl
     return 2 * (n_in + 1) * U * (abs_x.astype(np.float64) @ abs_w.T.astype(np.float64) + abs_b)
 
 
+@EVERY_GEMM
 @settings(max_examples=60, deadline=None)
 @given(
     T=st.sampled_from([1, 1, 2, 3, 4, 5, 7, 9, 33]),
@@ -188,12 +195,12 @@ def sum_order_bound(abs_x: np.ndarray, abs_w: np.ndarray, abs_b: np.ndarray | fl
     with_bias=st.booleans(),
     seed=seeds,
 )
-def test_linear_matches_numpy_twin(T, n_in, n_out, dtype, with_bias, seed):
+def test_linear_matches_numpy_twin(gemm, T, n_in, n_out, dtype, with_bias, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, n_in), dtype=np.float32)
     weight = stored(rng.standard_normal((n_out, n_in)), dtype)
     bias = stored(rng.standard_normal(n_out), dtype) if with_bias else None
-    got = jitkernels.linear(x, weight, bias)
+    got = jitkernels.linear(x, weight, bias, gemm)
     want = linear_twin(x, weight, bias)
     assert got.dtype == np.float32 and got.shape == (T, n_out)
     w32, b32 = to_float32(weight), (np.abs(to_float32(bias)) if with_bias else 0.0)
@@ -201,16 +208,17 @@ def test_linear_matches_numpy_twin(T, n_in, n_out, dtype, with_bias, seed):
     assert np.all(np.abs(got - want) <= sum_order_bound(np.abs(x), np.abs(w32), b32))
 
 
+@EVERY_GEMM
 @pytest.mark.parametrize("dtype", STORED_DTYPES)
 @pytest.mark.parametrize("T", [1, 2, 6])
-def test_linear_propagates_inf_and_nan_like_numpy_twin(T, dtype):
+def test_linear_propagates_inf_and_nan_like_numpy_twin(T, dtype, gemm):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, 16), dtype=np.float32)
     w = rng.standard_normal((5, 16), dtype=np.float32)
     w[1, 3], w[2, 4], w[3, 0], w[3, 1] = np.inf, np.nan, np.inf, -np.inf
     x[0, 7] = np.inf
     weight = stored(w, dtype)
-    got = jitkernels.linear(x, weight, None)
+    got = jitkernels.linear(x, weight, None, gemm)
     with np.errstate(invalid="ignore"):
         want = linear_twin(x, weight, None)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -228,6 +236,7 @@ def test_linear_of_a_long_matrix_reduces_in_column_blocks_over_many_weight_tiles
         assert np.all(np.abs(got - linear_twin(rows, weight, bias)) <= bound)  # dot products of 2100 terms
 
 
+@EVERY_GEMM
 @settings(max_examples=40, deadline=None)
 @given(
     T=st.sampled_from([1, 1, 2, 3, 4, 9]),
@@ -237,14 +246,14 @@ def test_linear_of_a_long_matrix_reduces_in_column_blocks_over_many_weight_tiles
     with_bias=st.booleans(),
     seed=seeds,
 )
-def test_linears_match_numpy_twin_for_every_projection(T, n_in, n_outs, dtype, with_bias, seed):
+def test_linears_match_numpy_twin_for_every_projection(gemm, T, n_in, n_outs, dtype, with_bias, seed):
     # q, k and v in one pass: the rows of all weights are numbered one after another and split
     # across threads, so every row of every output must land in the right place
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, n_in), dtype=np.float32)
     weights = tuple(stored(rng.standard_normal((n, n_in)), dtype) for n in n_outs)
     biases = tuple(stored(rng.standard_normal(n), dtype) if with_bias else None for n in n_outs)
-    got = jitkernels.linears(x, weights, biases)
+    got = jitkernels.linears(x, weights, biases, gemm)
     want = linears_twin(x, weights, biases)
     assert len(got) == len(n_outs)
     for g, w_, weight, bias in zip(got, want, weights, biases):
@@ -273,6 +282,7 @@ def test_linear_reads_bfloat16_weights_at_any_alignment():
     assert np.all(np.abs(got - linear_twin(x, weight, None)) <= sum_order_bound(np.abs(x), np.abs(to_float32(weight)), 0.0))
 
 
+@EVERY_GEMM
 @settings(max_examples=40, deadline=None)
 @given(
     T=st.sampled_from([1, 1, 2, 3, 4, 7]),
@@ -281,11 +291,11 @@ def test_linear_reads_bfloat16_weights_at_any_alignment():
     dtype=st.sampled_from(STORED_DTYPES),
     seed=seeds,
 )
-def test_swiglu_matches_numpy_twin(T, D, F, dtype, seed):
+def test_swiglu_matches_numpy_twin(gemm, T, D, F, dtype, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, D), dtype=np.float32)
     w_gate, w_up = stored(rng.standard_normal((F, D)), dtype), stored(rng.standard_normal((F, D)), dtype)
-    got = jitkernels.swiglu(x, w_gate, w_up)
+    got = jitkernels.swiglu(x, w_gate, w_up, gemm)
     want = swiglu_twin(x, w_gate, w_up)
     assert got.shape == (T, F)
     # gate g and up u each carry the dot-product bound e_g, e_u; |silu'| <= 1.1, so the product is off
@@ -318,6 +328,66 @@ def test_swiglu_of_wide_inputs_groups_fewer_tiles_and_ends_on_a_ragged_tile(D):
         n = len(rows)
         bound = 1.1 * e_g[:n] * (up + e_u[:n]) + (np.abs(linear_twin(rows, w_gate)) + e_g[:n]) * e_u[:n]
         assert np.all(np.abs(got - want) <= bound + 16 * U * np.abs(want) + 3e-37 * (up + e_u[:n]))
+
+
+@pytest.mark.skipif(not blas.available(), reason=blas.UNAVAILABLE)
+@pytest.mark.parametrize("dtype", STORED_DTYPES)
+def test_blas_gemm_spans_many_blocks_of_rows_and_gives_the_same_bits_on_any_thread_count(dtype):
+    import numba
+
+    # n_out 3 blocks and a ragged one of linears_blas's rows per block (q, k, v of different sizes);
+    # F = 2.5 blocks of swiglu_blas's; every output row must land in its place whichever thread made it
+    rng = np.random.default_rng(3)
+    D = 200
+    rows = gemm_blas._rows_per_block(D)
+    x = rng.standard_normal((37, D), dtype=np.float32)
+    weights = tuple(stored(rng.standard_normal((n, D)), dtype) for n in (3 * rows + 5, rows, 7))
+    biases = tuple(stored(rng.standard_normal(len(w)), dtype) for w in weights)
+    w_gate, w_up = (stored(rng.standard_normal((5 * rows // 4 + 3, D)), dtype) for _ in range(2))
+    runs = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            runs.append((jitkernels.linears(x, weights, biases, "blas"), jitkernels.swiglu(x, w_gate, w_up, "blas")))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    (ys, act), (ys_again, act_again) = runs
+    for y, y_again, w, b in zip(ys, ys_again, weights, biases):
+        np.testing.assert_array_equal(y, y_again)  # fixed block boundaries: the same sgemm calls
+        bound = sum_order_bound(np.abs(x), np.abs(to_float32(w)), np.abs(to_float32(b)))
+        assert np.all(np.abs(y - linear_twin(x, w, b)) <= bound)
+    np.testing.assert_array_equal(act, act_again)
+    gate, up = linear_twin(x, w_gate), linear_twin(x, w_up)
+    e_g = sum_order_bound(np.abs(x), np.abs(to_float32(w_gate)), 0.0)
+    e_u = sum_order_bound(np.abs(x), np.abs(to_float32(w_up)), 0.0)
+    want = swiglu_twin(x, w_gate, w_up)
+    # as in test_swiglu_matches_numpy_twin: the dot-product bounds through silu(g) * u, plus its rounding
+    bound = 1.1 * e_g * (np.abs(up) + e_u) + (np.abs(gate) + e_g) * e_u + 16 * U * np.abs(want)
+    assert np.all(np.abs(act - want) <= bound)
+
+
+@pytest.mark.skipif(not blas.available(), reason=blas.UNAVAILABLE)
+def test_blas_gemm_leaves_numpys_blas_thread_count_as_it_found_it():
+    before = blas.SGEMM.get_threads()
+    x = np.ones((8, 16), dtype=np.float32)
+    jitkernels.linear(x, stored(np.ones((40, 16)), "BF16"), None, "blas")
+    assert blas.SGEMM.get_threads() == before
+
+
+def test_gemm_choice_is_forced_by_name_or_environment_and_refuses_unknown_names(monkeypatch):
+    from jitkernels.choice import ENV, KERNEL_CHOICES, choose_gemm
+    from qwen_ref.backends import KERNEL_CHOICES as CLI_CHOICES
+
+    assert KERNEL_CHOICES == CLI_CHOICES  # qwen_ref names them without importing jitkernels
+    monkeypatch.setenv(ENV, "numba-gemm")
+    assert choose_gemm("auto").gemm == "numba" and ENV in choose_gemm("auto").reason
+    if blas.available():
+        assert choose_gemm("blas-gemm").gemm == "blas"  # the command line's choice wins over the environment
+    monkeypatch.setenv(ENV, "fastest")
+    with pytest.raises(ValueError, match=ENV):
+        choose_gemm("auto")
+    monkeypatch.delenv(ENV)
+    assert choose_gemm("auto").gemm in GEMMS  # measured, or read from the cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,8 +586,10 @@ def test_attention_ignores_cache_positions_past_S_and_does_not_write_into_the_ca
 # The whole model: numba backend against numpy backend
 
 
+@pytest.mark.parametrize("kernels", ["numba-gemm", pytest.param(
+    "blas-gemm", marks=pytest.mark.skipif(not blas.available(), reason=blas.UNAVAILABLE))])
 @pytest.mark.parametrize(("dtype", "tied"), [("BF16", True), ("F16", False), ("F32", False)])
-def test_model_logits_on_numba_backend_match_numpy_backend_full_and_incremental(tmp_path, dtype, tied):
+def test_model_logits_on_numba_backend_match_numpy_backend_full_and_incremental(tmp_path, dtype, tied, kernels):
     from helpers import random_checkpoint, small_config
 
     from qwen_ref import load_model
@@ -528,7 +600,7 @@ def test_model_logits_on_numba_backend_match_numpy_backend_full_and_incremental(
                           num_hidden_layers=3, vocab_size=101, tie_word_embeddings=tied)
     random_checkpoint(tmp_path, config, dtype=dtype, seed=7)
     numpy_model = load_model(tmp_path, get_backend("numpy"))
-    numba_model = load_model(tmp_path, get_backend("numba"))
+    numba_model = load_model(tmp_path, get_backend("numba", kernels))
     tokens = np.random.default_rng(0).integers(0, config["vocab_size"], 23)
 
     want = numpy_model.forward(tokens, numpy_model.new_cache(64))  # [23, V]
@@ -553,6 +625,7 @@ _SMOKE = textwrap.dedent(
     """
     import numpy as np
     import jitkernels
+    from jitkernels import blas
     from qwen_ref.backends import NUMPY
 
     rng = np.random.default_rng(0)
@@ -569,6 +642,10 @@ _SMOKE = textwrap.dedent(
             for got, want in zip(jitkernels.linears(rows, (w, w), (b, None)), NUMPY.linears(rows, (w, w), (b, None))):
                 worst = max(worst, np.abs(got - want).max())
             worst = max(worst, np.abs(jitkernels.swiglu(rows, w, w) - NUMPY.swiglu(rows, w, w)).max())
+        if blas.available():  # the prefill GEMM through NumPy's BLAS: its kernels are cached like the others
+            for got, want in zip(jitkernels.linears(x, (w, w), (b, None), "blas"), NUMPY.linears(x, (w, w), (b, None))):
+                worst = max(worst, np.abs(got - want).max())
+            worst = max(worst, np.abs(jitkernels.swiglu(x, w, w, "blas") - NUMPY.swiglu(x, w, w)).max())
         worst = max(worst, np.abs(jitkernels.rms_norm(x, w[0], 1e-6) - NUMPY.rms_norm(x, w[0], 1e-6)).max())
     q = rng.standard_normal((5, 4, 8), dtype=np.float32)
     cache = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
