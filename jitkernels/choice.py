@@ -16,11 +16,14 @@ and benchmarks run every path on every host.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +107,36 @@ def cached_choice(threads: int) -> GemmChoice | None:
 
 @functools.cache
 def _measured(threads: int) -> GemmChoice:
-    """The cached choice, or a new measurement (announced on stderr through the jitkernels logger)."""
+    """The cached choice, or a new measurement (announced on stderr through the jitkernels logger).
+
+    Processes starting together measure one after another, under a lock on the cache folder, and the
+    later ones take the first one's result: a noisy second measurement could pick the other GEMM, and
+    processes of one machine would then round differently.
+    """
+    with _choice_lock():
+        return _measured_locked(threads)
+
+
+@contextlib.contextmanager
+def _choice_lock() -> Iterator[None]:
+    """An exclusive flock on `gemm-choice.lock` in the cache folder, where there is one that can be locked."""
+    fd = -1
+    if CACHE_DIR is not None:
+        try:
+            fd = os.open(CACHE_DIR / "gemm-choice.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a read-only or lock-less folder: measure without it, as without a cache
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the flock
+
+
+def _measured_locked(threads: int) -> GemmChoice:
     known = cached_choice(threads)
     if known is not None:
         return known
