@@ -5,11 +5,10 @@ docstring); tests/test_kernels.py checks that the two agree. Weights and KV cach
 float16, or bfloat16 held as raw uint16 words; activations are float32. The operations of a model
 backend (linear, linears, rms_norm, apply_rope, attention, swiglu) return new arrays and never write
 into their inputs; widen_rows fills the array it is given. No kernel knows a checkpoint, a config or
-qwen_ref; one module composes them into a model layer: `decode.py`'s `DecoderStack` runs a decode
-step's pre-norm decoder layers in one call. `attention.py` deals attention's work items to threads;
-`attention_items.py` computes one. The products of T >= 4 rows (the prefill) have two kernels,
-Numba's own or widen-then-BLAS; `choose_gemm` picks one for the host (`choice.py`) and `linear`,
-`linears` and `swiglu` take it as `gemm=`.
+qwen_ref; one module composes them into a layer: `decode.py`'s `DecoderStack`, a decode step's
+pre-norm decoder layers in one call. `attention.py` deals attention's work items to threads,
+`attention_items.py` computes one. The prefill's products (T >= 4 rows) have two kernels, Numba's own
+or widen-then-BLAS: `choice.py` picks one for the host, passed as `gemm=`.
 
 Every kernel is compiled with `cache=CACHE` (`cache.py`): the first process compiles, announced on
 stderr; later ones load machine code from a per-user folder keyed by these sources, so an edit to

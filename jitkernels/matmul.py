@@ -1,41 +1,18 @@
 """y = x @ W.T + b over weights in their stored dtype (float32, bfloat16 or float16 words).
 
 Two kinds of kernel, chosen by the number of rows of x:
-  - `_gemv` (the decode step, T = 1, and T <= 3) streams every weight row once, widening it in
-    registers. It is bound by memory bandwidth, so it is parallel over output rows and does nothing
-    else. bfloat16 rows of even length are read as uint32 pairs (`_dot_bf16_pairs`: a shift and a
-    mask widen both words, no shuffles). It takes several weights at once (`linears`: q, k and v;
-    `swiglu`: gate and up, with the SwiGLU gate applied as each pair of rows is done), because each
-    parallel region costs a thread wake-up and a wait for the slower thread: on the decode step of
-    Qwen1.5-0.5B, 4 regions per layer instead of 7 and no separate silu pass. The bf16 weight
-    GEMVs of a whole step, called back to back, read at 0.94 of tools/bench.py's bfloat16 read
-    bound (`anon-bf16`: the same widening, no x), itself 0.85-0.95 of its float32 streaming read;
-    per core the bf16 GEMV reads ~17 GB/s against ~21 for a float32 sum, the cost of widening.
-    float16 rows are widened by vcvtph2ps where the CPU has F16C (`jitkernels.widen`); without it the
-    float16 GEMV is bound by computation, not memory.
-  - `_gemm` (T >= 4, the prefill) widens tiles of 16 weight rows once, transposed, into a float32
-    scratch, a group of tiles at a time (256 KB, or one tile if larger, so they stay in L2), and
-    runs every block of 4 rows of x over the group with `jitkernels.microkernel.block_4x16`, which
-    keeps a 4 x 16 block of y in 8 AVX2 registers over the whole sum. x then comes from L3 once per group, not once per
-    tile. One core reaches ~80 GFLOP/s where OpenBLAS does ~90 on float32 weights.
-    `_gemm_swiglu` is the same with 8 gate rows beside the same 8 up rows in each tile: silu(gate)
-    * up is taken as each block ends, so neither product is written out and read back. Against
-    the previous kernels (one tile per pass over x; gate and up as two GEMMs, then silu_mul),
-    swapped in and out of one process: swiglu at T = 512 1.32x faster, gate_proj and down_proj
-    alone 1.04-1.07x (medians of 15 alternating runs).
-
-Both accumulate in float32. `fastmath` is limited to `reassoc` (LLVM may split a dot product over
-SIMD lanes: the summation order differs from BLAS's, but it is fixed for given shapes, so results
-are reproducible and do not depend on the thread count) and `contract` (fused multiply-add).
-Neither assumes finite values, so inf and nan propagate.
-
-The prefill has a second kernel, `gemm="blas"` (`jitkernels.gemm_blas`): blocks of weight rows widened
-to float32 and multiplied by NumPy's OpenBLAS sgemm, called from each Numba thread with OpenBLAS held
-at one thread. Calling BLAS between Numba kernels the plain way (widen, then `x @ W.T` on OpenBLAS's
-own threads) stalled: each pool's idle threads spin while the other works, so on 2 cores one of them
-is descheduled for a time slice (a layer-like sequence fell to ~0.2-0.5x of this module's GEMM).
-Which kernel runs is the host's choice (`jitkernels.choice`); see
-benchmarks/prefill_paths_intel-xeon-avx512.md.
+  - `_gemv` (decode, T <= 3) streams every weight row once, widening it in registers: it is bound by
+    memory bandwidth, so it is parallel over output rows and does nothing else. It takes several
+    weights at once (`linears`: q, k, v; `swiglu`: gate and up, gated as each pair of rows is done),
+    because every parallel region costs a thread wake-up and a wait for the slower thread.
+  - `_gemm` (prefill, T >= 4) widens tiles of 16 weight rows into an L2-sized float32 scratch and runs
+    every block of 4 rows of x over them with `microkernel.block_4x16`, a 4 x 16 block of y kept in
+    registers; `_gemm_swiglu` puts gate and up rows in one tile and gates in its epilogue. The prefill
+    has a second kernel, `gemm="blas"` (`gemm_blas`: widened blocks through OpenBLAS's sgemm, called
+    inside Numba's threads); the host's choice between them is `choice.py`'s.
+Both accumulate in float32 with `fastmath` limited to `reassoc` and `contract`: the summation order is
+fixed for given shapes (reproducible, whatever the thread count), and inf and nan propagate.
+The measurements behind these choices: benchmarks/KERNELS.md, matmul.
 """
 
 from __future__ import annotations
