@@ -74,6 +74,8 @@ def choose_gemm(requested: str = "auto") -> GemmChoice:
         return GemmChoice("numba", blas.UNAVAILABLE)
     if numba.config.DISABLE_JIT:  # plain Python kernels: timing them would take minutes and say nothing
         return GemmChoice("numba", "NUMBA_DISABLE_JIT is set: not measured")
+    if CACHE_DIR is None:  # no folder to keep a measurement in: each process would compile both GEMMs
+        return GemmChoice("numba", "no kernel cache folder to keep a measurement in: not measured")
     return _measured(numba.get_num_threads())
 
 
