@@ -123,10 +123,11 @@ def test_bench_llamacpp_refuses_bad_arguments_in_one_line(tmp_path):
 
 
 def test_bench_bf16_read_checks_its_gemvs_and_writes_every_kernel_of_every_round(tmp_path):
-    # 128 MB instead of 1 GiB: the numbers mean nothing here, the agreement check and the files do
+    # 128 MB instead of 1 GiB, no waiting for a quiet machine (the suite runs two test files at once): the
+    # numbers mean nothing here, the agreement check and the files do
     out = tmp_path / "bf16_read.json"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "bench_bf16_read.py"), "--gib", "0.125",
-                          "--rounds", "2", "--pause", "0", "--out", str(out)],
+                          "--rounds", "2", "--pause", "0", "--quiet-wait", "0", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -162,7 +163,7 @@ def test_bench_bf16_read_agreement_check_fails_a_gemv_that_skips_rows():
 def test_bench_bf16_read_refuses_bad_arguments_in_one_line(tmp_path):
     cases = [(["--rounds", "0"], "error: --rounds"), (["--n-in", "100"], "error: --n-in"),
              (["--gib", "0"], "error: --gib"), (["--gib", "inf"], "error: --gib"), (["--gib", "1e6"], "error: --gib"),
-             (["--pause", "nan"], "error: --pause"), (["--call-mb", "1e9"], "error: --call-mb"),
+             (["--pause", "nan"], "error: --pause"), (["--quiet-wait", "-1"], "error: --quiet-wait"), (["--call-mb", "1e9"], "error: --call-mb"),
              (["--out", str(tmp_path / "no" / "x.json")], "error: --out"),
              (["--gib", "0.01", "--threads", "0"], "error: --threads"),
              (["--gib", "0.01", "--cc", str(tmp_path / "no-cc")], "error: cannot run the C compiler"),

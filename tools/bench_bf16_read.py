@@ -106,7 +106,7 @@ def main() -> None:
         run()
     rounds, disturbed = [], 0
     while len(rounds) < a.rounds:
-        wait_for_quiet(10.0)
+        wait_for_quiet(a.quiet_wait)
         rates, loads = measure_round(runs, reverse=len(rounds) % 2 == 1)
         busiest = max(loads.values())
         if busiest > NOISY_CORES and disturbed < a.rounds:
@@ -132,6 +132,8 @@ def parse_args() -> argparse.Namespace:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20, help="rounds, each kernel 3 times per round")
     ap.add_argument("--pause", type=float, default=3.0, help="seconds between rounds (the host drifts over minutes)")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="seconds to wait at most before each round for other processes to leave the CPUs")
     ap.add_argument("--gib", type=float, default=1.0, help="size of the matrix (and of the stream's array)")
     ap.add_argument("--n-in", type=int, default=1024, help="bfloat16 words per row, a multiple of 32")
     ap.add_argument("--call-mb", type=float, default=4.0, help="size of each call of the GEMVs 'in calls'")
@@ -146,6 +148,8 @@ def parse_args() -> argparse.Namespace:
         sys.exit("error: --rounds must be at least 1")
     if not 0 <= a.pause <= 600:
         sys.exit(f"error: --pause must be between 0 and 600 seconds, got {a.pause}")
+    if not 0 <= a.quiet_wait <= 600:
+        sys.exit(f"error: --quiet-wait must be between 0 and 600 seconds, got {a.quiet_wait}")
     if a.n_in < 32 or a.n_in % 32:
         sys.exit(f"error: --n-in must be a positive multiple of 32 (whole 64 bytes of pairs), got {a.n_in}")
     if not (math.isfinite(a.gib) and a.gib * 2**30 >= 2 * a.n_in * 64):
