@@ -77,7 +77,7 @@ def _numba_backend(kernels: str) -> Backend:
         linears=functools.partial(jitkernels.linears, gemm=choice.gemm),
         rms_norm=jitkernels.rms_norm,
         apply_rope=jitkernels.apply_rope,
-        attention=jitkernels.attention,
+        attention=functools.partial(jitkernels.attention, gemm=choice.gemm),
         swiglu=functools.partial(jitkernels.swiglu, gemm=choice.gemm),
         decoder_stack=jitkernels.DecoderStack,
         kernels=f"prefill GEMM {choice}",
