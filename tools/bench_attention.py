@@ -19,6 +19,7 @@ import argparse
 import importlib
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def kernels_at(ref: str) -> object:
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True,
                          text=True).stdout.strip()
     name = f"jitkernels_{sha}"
-    root = Path("/tmp") / f"bench-attention-{sha}"
+    root = Path(tempfile.gettempdir()) / f"bench-attention-{sha}"
     package = root / name
     package.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{ref}:jitkernels"], check=True,
