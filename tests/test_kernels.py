@@ -381,14 +381,20 @@ def test_gemm_choice_is_forced_by_name_or_environment_and_refuses_unknown_names(
 
     assert KERNEL_CHOICES == CLI_CHOICES  # qwen_ref names them without importing jitkernels
     monkeypatch.setenv(ENV, "numba-gemm")
-    assert choose_gemm("auto").gemm == "numba" and ENV in choose_gemm("auto").reason
+    forced = choose_gemm("auto")
+    assert forced.gemm == forced.attention == "numba" and ENV in forced.reason  # a name forces both
     if blas.available():
-        assert choose_gemm("blas-gemm").gemm == "blas"  # the command line's choice wins over the environment
+        forced = choose_gemm("blas-gemm")  # the command line's choice wins over the environment
+        assert forced.gemm == forced.attention == "blas"
     monkeypatch.setenv(ENV, "fastest")
     with pytest.raises(ValueError, match=ENV):
         choose_gemm("auto")
     monkeypatch.delenv(ENV)
-    assert choose_gemm("auto").gemm in GEMMS  # measured, or read from the cache
+    auto = choose_gemm("auto")
+    assert auto.gemm in GEMMS  # measured, or read from the cache
+    # attention's prefill items take sgemm tiles wherever OpenBLAS is callable, whichever GEMM won
+    assert auto.attention == ("blas" if blas.available() else "numba")
+    assert str(auto).endswith("prefill attention on " + ("sgemm tiles" if blas.available() else "the Numba micro-kernel"))
 
 
 # ---------------------------------------------------------------------------------------------
