@@ -7,8 +7,8 @@ backend (linear, linears, rms_norm, apply_rope, attention, swiglu) return new ar
 into their inputs; widen_rows fills the array it is given. No kernel knows a checkpoint, a config or
 qwen_ref; one module composes them into a layer: `decode.py`'s `DecoderStack`, a decode step's
 pre-norm decoder layers in one call. `attention.py` deals attention's work items to threads,
-`attention_items.py` computes one. The prefill's products (T >= 4 rows) have two kernels, Numba's own
-or widen-then-BLAS: `choice.py` picks one for the host, passed as `gemm=`.
+`attention_items.py` computes one. The prefill's products (T >= 4 rows, and attention over a chunk)
+have two kernels, Numba's own or (widen-then-)BLAS: `choice.py` picks one for the host, passed as `gemm=`.
 
 Every kernel is compiled with `cache=CACHE` (`cache.py`): the first process compiles, announced on
 stderr; later ones load machine code from a per-user folder keyed by these sources, so an edit to

@@ -8,7 +8,10 @@ matrix is ever made. Each block of keys and values is read once per item and ser
 from cache (FlashAttention's tiling); a row at a time, a prefill chunk re-read the whole cache per
 query row and ran behind the NumPy twin's BLAS (benchmarks/KERNELS.md, attention). When there are
 too few items to keep every thread busy (decode, T = 1, with few kv heads) the keys are also split
-into ranges whose partial results are merged at the end (`_merge`, flash-decoding).
+into ranges whose partial results are merged at the end (`_merge`, flash-decoding). With the blas
+GEMM (`gemm=`, chosen per host as for the projections by `choice.py`), prefill chunks take items of
+GEMM_ROWS rows whose two products per key block are OpenBLAS sgemm calls (`_attend_gemm`): a long
+prompt's attention then runs at the BLAS's speed, not the micro-kernel's (benchmarks/KERNELS.md, item_gemm).
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ from numba import njit, prange
 
 from jitkernels.attention_items import (
     BLOCK_SCORES,
+    GEMM_KEYS,
+    GEMM_ROWS,
     KEY_BLOCK,
     QUERY_ROWS,
     item_by_rows,
+    item_gemm,
     item_tiled,
 )
+from jitkernels.blas import one_blas_thread
 from jitkernels.cache import CACHE
 from jitkernels.exp import exp32
+from jitkernels.matmul import check_gemm
 from jitkernels.widen import kernel_words
 
 _FASTMATH = {"reassoc", "contract"}  # as in attention_items; no nnan/ninf: _merge meets -inf
@@ -33,14 +41,15 @@ _MIN_KEYS_PER_SPLIT = 256  # a key range shorter than this costs more to merge t
 _ITEMS_PER_THREAD = 4  # key splits are added until each thread has this many items
 
 
-def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np.ndarray:
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int, gemm: str = "numba") -> np.ndarray:
     """softmax(q k^T / sqrt(hd) + causal mask) v per head; NumPy twin: `qwen_ref.attention.attention`.
 
     q: [T, H, hd] float32, the T newest tokens; keys, values: [Hkv, capacity, hd], a layer of the
     KV cache whose first S positions are all S tokens, the newest T last (query t sits at position
     S - T + t), float32 or 16-bit (bfloat16 words as uint16, or float16), widened as they are read.
     Query head h reads kv head h // (H // Hkv). The cache is only read. Returns a new [T, H * hd]
-    float32 array.
+    float32 array. gemm="blas" (`matmul.GEMMS`) computes items of at least GEMM_ROWS query rows per
+    kv head (prefill) with OpenBLAS's sgemm (`item_gemm`); fewer rows, or "numba", on this package's kernels.
     """
     q = np.ascontiguousarray(q, dtype=np.float32)  # [T, H, hd]
     T, H, hd = q.shape
@@ -56,20 +65,25 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, S: int) -> np
     values = values if values.flags.c_contiguous else np.ascontiguousarray(values[:, :S])  # [Hkv, >= S, hd]
 
     n_threads = numba.get_num_threads()
-    n_splits = key_splits(T, H, Hkv, S, n_threads)
+    by_gemm = check_gemm(gemm) == "blas" and T * (H // Hkv) >= GEMM_ROWS
+    n_splits = key_splits(T, H, Hkv, S, n_threads, GEMM_ROWS if by_gemm else QUERY_ROWS)
     m = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running max of scores
     l = np.empty((n_splits, T, H), dtype=np.float32)  # [splits, T, H] running sum of e^(s - m)
     acc = np.empty((n_splits, T, H, hd), dtype=np.float32)  # [splits, T, H, hd] running sum of e^(s - m) v
-    _attend(q, keys, values, S, m, l, acc, n_threads)
+    if by_gemm:
+        with one_blas_thread():
+            _attend_gemm(q, keys, values, S, m, l, acc, n_threads)
+    else:
+        _attend(q, keys, values, S, m, l, acc, n_threads)
     out = np.empty((T, H * hd), dtype=np.float32)  # [T, H*hd]
     _merge(m, l, acc, out)
     return out
 
 
-def key_splits(T: int, H: int, Hkv: int, S: int, n_threads: int) -> int:
-    """Key ranges per work item: enough to give every thread _ITEMS_PER_THREAD items, none shorter than
-    _MIN_KEYS_PER_SPLIT keys."""
-    row_blocks = Hkv * -(-T * (H // Hkv) // QUERY_ROWS)  # ceil: items without key splits
+def key_splits(T: int, H: int, Hkv: int, S: int, n_threads: int, item_rows: int = QUERY_ROWS) -> int:
+    """Key ranges per work item of item_rows query rows: enough to give every thread _ITEMS_PER_THREAD
+    items, none shorter than _MIN_KEYS_PER_SPLIT keys."""
+    row_blocks = Hkv * -(-T * (H // Hkv) // item_rows)  # ceil: items without key splits
     wanted = -(-_ITEMS_PER_THREAD * n_threads // row_blocks)  # ceil: splits that would fill every thread
     return max(1, min(wanted, S // _MIN_KEYS_PER_SPLIT))
 
@@ -78,14 +92,9 @@ def key_splits(T: int, H: int, Hkv: int, S: int, n_threads: int) -> int:
 def _attend(q, k, v, S, m, l, acc, n_threads):
     """Fill the partial (m, l, acc) of every (key split, query row, head) from the first S positions of k, v."""
     n_splits, T, H, hd = acc.shape
-    Hkv = k.shape[0]
-    G = H // Hkv
-    past = S - T
-    split_len = -(-S // n_splits)
+    G = H // k.shape[0]
     scale = np.float32(hd**-0.5)
-    n_rows = T * G  # query rows per kv head, row r = (position r // G, head r % G of the group)
-    n_blocks = -(-n_rows // QUERY_ROWS)
-    n_items = Hkv * n_blocks * n_splits
+    n_items = _n_items(T, G, k.shape[0], n_splits, QUERY_ROWS)
     n_parts = min(n_threads, n_items)  # given by the caller: get_num_threads() here would defeat caching
     for part in prange(n_parts):
         # one scratch per thread: running m, l [rows] and acc [rows, hd]; for item_by_rows the scores,
@@ -99,29 +108,80 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
         l_run = np.empty(QUERY_ROWS, dtype=np.float32)
         acc_run = np.empty((QUERY_ROWS, hd), dtype=np.float32)
         for item in range(part * n_items // n_parts, (part + 1) * n_items // n_parts):
-            row_block, rest = divmod(item, Hkv * n_splits)
-            j, split = divmod(rest, n_splits)
-            # Row blocks in the order 0, last, 1, last-1, ...: each thread's contiguous run of items
-            # then mixes short (early) and long (late) causal rows, which balances the threads.
-            row_block = row_block // 2 if row_block % 2 == 0 else n_blocks - 1 - row_block // 2
-            r0 = row_block * QUERY_ROWS
-            rows = min(QUERY_ROWS, n_rows - r0)
-            lo = split * split_len
-            hi = min(lo + split_len, past + (r0 + rows - 1) // G + 1)  # the last row sees the most keys
+            j, split, r0, rows, lo, hi = _item(item, T, G, S, k.shape[0], n_splits, QUERY_ROWS)
             keys, values = k[j], v[j]  # [capacity, hd] each, contiguous rows
-            m_run[:] = -np.inf
-            l_run[:] = 0.0
-            acc_run[:] = 0.0
+            _reset(m_run, l_run, acc_run)
             if rows >= 4 and hd % 16 == 0:  # the micro-kernel's 4 x 16 blocks fit: all rows at once
-                item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weights, block, correction,
+                item_tiled(q, keys, values, j, G, S - T, r0, rows, lo, hi, scale, q_t, weights, block, correction,
                            m_run, l_run, acc_run)
             else:
-                item_by_rows(q, keys, values, j, G, past, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run)
-            for i in range(rows):
-                t, h = divmod(r0 + i, G)
-                m[split, t, j * G + h] = m_run[i]
-                l[split, t, j * G + h] = l_run[i]
-                acc[split, t, j * G + h, :] = acc_run[i]
+                item_by_rows(q, keys, values, j, G, S - T, r0, rows, lo, hi, scale, scores, m_run, l_run, acc_run)
+            _store(m, l, acc, split, j, G, r0, rows, m_run, l_run, acc_run)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
+def _attend_gemm(q, k, v, S, m, l, acc, n_threads):
+    """_attend with items of GEMM_ROWS rows, each computed by `item_gemm` (OpenBLAS's sgemm)."""
+    T, G, hd, n_splits = acc.shape[1], acc.shape[2] // k.shape[0], acc.shape[3], acc.shape[0]
+    n_items = _n_items(T, G, k.shape[0], n_splits, GEMM_ROWS)
+    for part in prange(min(n_threads, n_items)):
+        # one scratch per thread: queries [rows, hd], keys and values widened [keys, hd] (16-bit caches),
+        # scores then weights [rows, keys], running m, l [rows] and acc [rows, hd]
+        q_rows = np.empty((GEMM_ROWS, hd), dtype=np.float32)
+        k_block = np.empty((GEMM_KEYS, hd), dtype=np.float32)
+        v_block = np.empty((GEMM_KEYS, hd), dtype=np.float32)
+        weights = np.empty((GEMM_ROWS, GEMM_KEYS), dtype=np.float32)
+        m_run = np.empty(GEMM_ROWS, dtype=np.float32)
+        l_run = np.empty(GEMM_ROWS, dtype=np.float32)
+        acc_run = np.empty((GEMM_ROWS, hd), dtype=np.float32)
+        n_parts = min(n_threads, n_items)
+        for item in range(part * n_items // n_parts, (part + 1) * n_items // n_parts):
+            j, split, r0, rows, lo, hi = _item(item, T, G, S, k.shape[0], n_splits, GEMM_ROWS)
+            _reset(m_run, l_run, acc_run)
+            item_gemm(q, k[j], v[j], j, G, S - T, r0, rows, lo, hi, q_rows, k_block, v_block, weights,
+                      m_run, l_run, acc_run)
+            _store(m, l, acc, split, j, G, r0, rows, m_run, l_run, acc_run)
+
+
+@njit(cache=CACHE)
+def _n_items(T, G, Hkv, n_splits, item_rows):
+    """Work items: blocks of item_rows of the T * G query rows of each kv head, times the key splits."""
+    return Hkv * -(-T * G // item_rows) * n_splits
+
+
+@njit(cache=CACHE)
+def _item(item, T, G, S, Hkv, n_splits, item_rows):
+    """Work item `item` of `_n_items` as (kv head j, key split, first query row r0, rows, keys lo .. hi-1)."""
+    n_rows, past = T * G, S - T
+    n_blocks = -(-n_rows // item_rows)
+    split_len = -(-S // n_splits)
+    row_block, rest = divmod(item, Hkv * n_splits)
+    j, split = divmod(rest, n_splits)
+    # Row blocks in the order 0, last, 1, last-1, ...: each thread's contiguous run of items then
+    # mixes short (early) and long (late) causal rows, which balances the threads.
+    row_block = row_block // 2 if row_block % 2 == 0 else n_blocks - 1 - row_block // 2
+    r0 = row_block * item_rows
+    rows = min(item_rows, n_rows - r0)
+    lo = split * split_len
+    hi = min(lo + split_len, past + (r0 + rows - 1) // G + 1)  # the last row sees the most keys
+    return j, split, r0, rows, lo, hi
+
+
+@njit(cache=CACHE)
+def _reset(m_run, l_run, acc_run):
+    m_run[:] = -np.inf
+    l_run[:] = 0.0
+    acc_run[:] = 0.0
+
+
+@njit(cache=CACHE)
+def _store(m, l, acc, split, j, G, r0, rows, m_run, l_run, acc_run):
+    """The item's rows of (m, l, acc) for key split `split`: row r0 + i is head j * G + (r0 + i) % G."""
+    for i in range(rows):
+        t, h = divmod(r0 + i, G)
+        m[split, t, j * G + h] = m_run[i]
+        l[split, t, j * G + h] = l_run[i]
+        acc[split, t, j * G + h, :] = acc_run[i]
 
 
 # Serial: merging is O(T H hd) against the O(T S H hd) of _attend, less than a parallel launch costs.

@@ -1,17 +1,18 @@
-"""One work item of `jitkernels.attention`: up to QUERY_ROWS query rows of one kv head over a range of keys.
+"""One work item of `jitkernels.attention`: a block of query rows of one kv head over a range of keys.
 
 Each query row keeps a running maximum m, a running sum l and a running weighted sum of values acc
 in place of its row of scores (FlashAttention's online softmax). Over a block of keys with scores s_b:
 
     m' = max(m, max_b s_b),  l' = l e^(m - m') + sum_b e^(s_b - m'),  acc' = acc e^(m - m') + sum_b e^(s_b - m') v_b
 
-and the row's output is acc / l. The driver picks one of two strategies per item:
-  - `item_tiled`, 4 to 16 rows with hd a multiple of 16 (prefill; decode with G >= 4): all rows at
-    once on the GEMM's register-blocked micro-kernel, faster than a row at a time
-    (benchmarks/KERNELS.md, item_tiled).
-  - `item_by_rows`, 1 to 3 rows (decode without GQA) or another hd: a row at a time, spending as few
+and the row's output is acc / l. The driver picks one of three strategies per item:
+  - `item_gemm`, up to GEMM_ROWS rows of a prefill chunk with the blas GEMM: both products of a key
+    block as OpenBLAS sgemm calls, faster than the micro-kernel (benchmarks/KERNELS.md, item_gemm).
+  - `item_tiled`, 4 to 16 rows with hd a multiple of 16 (prefill; decode with G >= 4): all rows at once
+    on the GEMM's register-blocked micro-kernel (benchmarks/KERNELS.md, item_tiled).
+  - `item_by_rows`, 1 to 3 rows (decode without GQA) or another hd: a row at a time, with as few
     instructions per byte of the cache as it can, since a decode step streams the cache from memory.
-Keys and values are float32 or 16-bit words (`jitkernels.widen`), widened in registers where they are loaded.
+Keys and values are float32 or 16-bit words (`jitkernels.widen`), widened where they are loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 from numba import njit
 
 from jitkernels.cache import CACHE
+from jitkernels.blas import sgemm_nn_add, sgemm_nt
 from jitkernels.exp import exp32
+from jitkernels.gemm_blas import block_rows
 from jitkernels.microkernel import block_4x16
 from jitkernels.registers import register_block
 from jitkernels.widen import widen
@@ -36,6 +39,10 @@ BLOCK_SCORES = 512
 # Keys per block in item_tiled: longer blocks run the micro-kernel over more keys per call and
 # rescale less often (benchmarks/KERNELS.md, KEY_BLOCK).
 KEY_BLOCK = 256
+# Query rows and keys per block of item_gemm: GEMM_ROWS x hd queries against GEMM_KEYS x hd keys
+# and values, sized for the L2 of a core (benchmarks/KERNELS.md, item_gemm).
+GEMM_ROWS = 128
+GEMM_KEYS = 256
 
 # The hot loops below read rows through 1-D slices (keys[s], acc[split, t, h]) rather than through
 # computed flat indices: Numba cannot prove a computed index non-negative, and its negative-index
@@ -96,6 +103,19 @@ def _add_weighted(out, weights, values, b0, nb, hd):
         p, v = weights[b], values[b0 + b]
         for d in range(hd):
             out[d] += p * widen(v[d])
+
+
+@njit(fastmath=_FASTMATH, cache=CACHE)
+def _row_max(row, n):
+    """max(row[:n]) for n >= 1 in eight running maxima: a single one (np.max) is a chain of dependent
+    compares, since without nnan LLVM will not vectorise a max (benchmarks/KERNELS.md, item_gemm)."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = row[0]
+    for b in range(0, n - 7, 8):
+        t0, t1, t2, t3 = max(t0, row[b]), max(t1, row[b + 1]), max(t2, row[b + 2]), max(t3, row[b + 3])
+        t4, t5, t6, t7 = max(t4, row[b + 4]), max(t5, row[b + 5]), max(t6, row[b + 6]), max(t7, row[b + 7])
+    for b in range(n - n % 8, n):
+        t0 = max(t0, row[b])
+    return max(max(max(t0, t1), max(t2, t3)), max(max(t4, t5), max(t6, t7)))
 
 
 @njit(fastmath=_FASTMATH, cache=CACHE)
@@ -183,7 +203,7 @@ def item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weight
                 correction[i] = 1.0
                 row[:nb] = 0.0
                 continue
-            correction[i] = _softmax_block(row, n_seen, row[:n_seen].max(), scale, m_run, l_run, i)
+            correction[i] = _softmax_block(row, n_seen, _row_max(row, n_seen), scale, m_run, l_run, i)
             row[n_seen:nb] = 0.0  # keys after the query's own position
         for d0 in range(0, hd, 16):
             for i0 in range(0, rows, 4):
@@ -192,3 +212,32 @@ def item_tiled(q, keys, values, j, G, past, r0, rows, lo, hi, scale, q_t, weight
                     out = acc_run[i0 + i]  # [hd]
                     for c in range(16):
                         out[d0 + c] = out[d0 + c] * correction[i0 + i] + block[i, c]
+
+
+@njit(fastmath=_FASTMATH, cache=CACHE)
+def item_gemm(q, keys, values, j, G, past, r0, rows, lo, hi, q_rows, k_block, v_block, weights, m_run, l_run, acc_run):
+    """The same as item_by_rows for up to GEMM_ROWS rows, each block of keys as two OpenBLAS sgemm
+    calls (inside `blas.one_blas_thread`): scores = queries @ keys^T, then acc += weights @ values.
+
+    Scratch: q_rows [GEMM_ROWS, hd], k_block and v_block [GEMM_KEYS, hd] (16-bit keys and values
+    widened there; float32 ones are read in place), weights [GEMM_ROWS, GEMM_KEYS]. Rows that see no
+    key of a block (the first rows of an item on the diagonal) are left out of both products.
+    """
+    scale = np.float32(q.shape[2] ** -0.5)
+    for i in range(rows):
+        t, h = divmod(r0 + i, G)
+        q_rows[i, :] = q[t, j * G + h]
+    for b0 in range(lo, hi, GEMM_KEYS):
+        nb = min(GEMM_KEYS, hi - b0)
+        first = max(0, (b0 - past) * G - r0)  # row i sees key b0 from position past + (r0 + i) // G = b0 on
+        ks = block_rows(keys, b0, nb, k_block)  # [>= nb, hd] float32
+        sgemm_nt(q_rows[first:rows], ks, nb, weights[first:rows], 0)  # [rows - first, nb] scores
+        for i in range(first, rows):
+            row = weights[i]  # [keys] scores, then e^(s - m)
+            n_seen = min(nb, past + (r0 + i) // G + 1 - b0)  # query t sees keys 0 .. past + t
+            correction = _softmax_block(row, n_seen, _row_max(row, n_seen), scale, m_run, l_run, i)
+            row[n_seen:nb] = 0.0  # keys after the query's own position
+            out = acc_run[i]  # [hd]
+            out *= correction
+        vs = block_rows(values, b0, nb, v_block)  # [>= nb, hd] float32
+        sgemm_nn_add(weights[first:rows, :nb], vs[:nb], acc_run[first:rows])

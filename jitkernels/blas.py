@@ -1,4 +1,4 @@
-"""NumPy's own BLAS (OpenBLAS) called from inside Numba kernels: `sgemm_nt`, one thread per call.
+"""NumPy's own BLAS (OpenBLAS) called from inside Numba kernels: `sgemm_nt`, `sgemm_nn_add`, one thread per call.
 
 The prefill GEMM's second path (`jitkernels.gemm_blas`) runs OpenBLAS's float32 GEMM on blocks of
 widened weight rows from within a Numba parallel loop, each Numba thread calling it for its own
@@ -28,7 +28,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 _SYMBOL = "qwen_ref_cblas_sgemm"  # the name compiled kernels call; bound to OpenBLAS's sgemm at import
-# CBLAS enum values: row-major storage, A as it is, B transposed (C = A @ B.T)
+# CBLAS enum values: row-major storage, A or B as it is, B transposed (C = A @ B.T)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
@@ -94,8 +94,9 @@ def one_blas_thread() -> Iterator[None]:
 
 
 @intrinsic
-def _cblas_sgemm_nt(typingctx, m, n, k, a, lda, b, ldb, c, c_offset, ldc):
-    """cblas_sgemm(row-major, A, B transposed): c[c_offset:] as [m, n] with row stride ldc = a [m, k] @ b[:n].T."""
+def _cblas_sgemm(typingctx, trans_b, beta, m, n, k, a, lda, b, ldb, c, c_offset, ldc):
+    """cblas_sgemm(row-major, A, B as it is or transposed by trans_b, a CBLAS enum): c[c_offset:] as
+    [m, n] with row stride ldc = a [m, k] @ (b [k, n] or b[:n].T) + beta c."""
     arrays = (a, b, c)
     if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in arrays):
         return None
@@ -106,7 +107,7 @@ def _cblas_sgemm_nt(typingctx, m, n, k, a, lda, b, ldb, c, c_offset, ldc):
         fnty = ir.FunctionType(ir.VoidType(), [integer] * 6 + [f32, pointer, integer, pointer, integer, f32, pointer,
                                                                 integer])
         fn = builder.module.globals.get(_SYMBOL) or ir.Function(builder.module, fnty, _SYMBOL)
-        am, an, ak, av, alda, bv, aldb, cv, coff, aldc = args
+        tb, bt, am, an, ak, av, alda, bv, aldb, cv, coff, aldc = args
         sig = signature.args
 
         def data(i, value):
@@ -116,14 +117,15 @@ def _cblas_sgemm_nt(typingctx, m, n, k, a, lda, b, ldb, c, c_offset, ldc):
             wide = context.cast(builder, value, sig[i], types.int64)
             return wide if _INT_BITS == 64 else builder.trunc(wide, integer)
 
-        c_ptr = builder.gep(data(7, cv), [context.cast(builder, coff, sig[8], types.int64)])
+        c_ptr = builder.gep(data(9, cv), [context.cast(builder, coff, sig[10], types.int64)])
         const = ir.Constant
-        builder.call(fn, [const(integer, _ROW_MAJOR), const(integer, _NO_TRANS), const(integer, _TRANS),
-                          as_int(0, am), as_int(1, an), as_int(2, ak), const(f32, 1.0), data(3, av), as_int(4, alda),
-                          data(5, bv), as_int(6, aldb), const(f32, 0.0), c_ptr, as_int(9, aldc)])
+        builder.call(fn, [const(integer, _ROW_MAJOR), const(integer, _NO_TRANS), as_int(0, tb),
+                          as_int(2, am), as_int(3, an), as_int(4, ak), const(f32, 1.0), data(5, av), as_int(6, alda),
+                          data(7, bv), as_int(8, aldb), context.cast(builder, bt, sig[1], types.float32), c_ptr,
+                          as_int(11, aldc)])
         return context.get_dummy_value()
 
-    return types.void(m, n, k, a, lda, b, ldb, c, c_offset, ldc), codegen
+    return types.void(trans_b, beta, m, n, k, a, lda, b, ldb, c, c_offset, ldc), codegen
 
 
 def sgemm_nt(x, w, n, y, col):
@@ -139,7 +141,23 @@ def sgemm_nt(x, w, n, y, col):
 def _sgemm_nt_jit(x, w, n, y, col):
     def impl(x, w, n, y, col):
         T, K = x.shape
-        _cblas_sgemm_nt(T, n, K, x, x.strides[0] // 4, w, w.strides[0] // 4, y, col, y.strides[0] // 4)
+        _cblas_sgemm(_TRANS, 0.0, T, n, K, x, x.strides[0] // 4, w, w.strides[0] // 4, y, col, y.strides[0] // 4)
+
+    return impl
+
+
+def sgemm_nn_add(x, w, y):
+    """y += x @ w by OpenBLAS's sgemm on the calling thread (inside `one_blas_thread`): x [T, K], w [K, n],
+    y [T, n], float32 with contiguous rows, shapes checked by the caller. Under NUMBA_DISABLE_JIT, NumPy's."""
+    y += x @ w
+
+
+@overload(sgemm_nn_add)
+def _sgemm_nn_add_jit(x, w, y):
+    def impl(x, w, y):
+        T, K = x.shape
+        _cblas_sgemm(_NO_TRANS, 1.0, T, w.shape[1], K, x, x.strides[0] // 4, w, w.strides[0] // 4, y, 0,
+                     y.strides[0] // 4)
 
     return impl
 

@@ -10,8 +10,10 @@ written to a JSON file in the kernel cache folder (`jitkernels.cache`, whose nam
 qwen-ref version, the kernel sources and NumPy), keyed by the CPU's model name, LLVM's name for it
 and the thread count, so each host measures once (about a second, after the kernels compile).
 
-`QWEN_REF_KERNELS` (or the command line's `--kernels`, which wins) forces a kernel, so that tests
-and benchmarks run every path on every host.
+Attention over prefill chunks is chosen apart: on sgemm tiles (`attention_items.item_gemm`) wherever
+OpenBLAS is callable, as its Numba micro-kernel ran far behind sgemm where the two GEMMs were close
+(benchmarks/KERNELS.md, item_gemm). `QWEN_REF_KERNELS` (or the command line's `--kernels`, which
+wins) forces one family for both, so that tests and benchmarks run every path on every host.
 """
 
 from __future__ import annotations
@@ -47,15 +49,17 @@ _log = logging.getLogger(__package__)
 
 @dataclass(frozen=True)
 class GemmChoice:
-    gemm: str  # matmul.GEMMS: "numba" or "blas"
+    gemm: str  # matmul.GEMMS: "numba" or "blas", the projections' GEMM
     reason: str  # why, in a few words
+    attention: str = "numba"  # matmul.GEMMS: what attention's prefill items multiply with
 
     @property
     def name(self) -> str:
         return next(k for k, v in KERNELS.items() if v == self.gemm)
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.reason})"
+        tiles = "sgemm tiles" if self.attention == "blas" else "the Numba micro-kernel"
+        return f"{self.name} ({self.reason}); prefill attention on {tiles}"
 
 
 def choose_gemm(requested: str = "auto") -> GemmChoice:
@@ -69,13 +73,13 @@ def choose_gemm(requested: str = "auto") -> GemmChoice:
     if requested == "blas-gemm" and not blas.available():
         raise ValueError(f"blas-gemm is unavailable: {blas.UNAVAILABLE}")
     if requested != "auto":
-        return GemmChoice(KERNELS[requested], f"forced by {why}")
+        return GemmChoice(KERNELS[requested], f"forced by {why}", KERNELS[requested])
     if not blas.available():
         return GemmChoice("numba", blas.UNAVAILABLE)
     if numba.config.DISABLE_JIT:  # plain Python kernels: timing them would take minutes and say nothing
-        return GemmChoice("numba", "NUMBA_DISABLE_JIT is set: not measured")
+        return GemmChoice("numba", "NUMBA_DISABLE_JIT is set: not measured", "blas")
     if CACHE_DIR is None:  # no folder to keep a measurement in: each process would compile both GEMMs
-        return GemmChoice("numba", "no kernel cache folder to keep a measurement in: not measured")
+        return GemmChoice("numba", "no kernel cache folder to keep a measurement in: not measured", "blas")
     return _measured(numba.get_num_threads())
 
 
@@ -87,7 +91,9 @@ def describe_auto(threads: int) -> str:
     if not blas.available():
         return f"numba-gemm ({blas.UNAVAILABLE})"
     known = cached_choice(threads)
-    return str(known) if known is not None else "not measured on this CPU yet: timed once when a model first loads"
+    if known is None:
+        return "not measured on this CPU yet: timed once when a model first loads; prefill attention on sgemm tiles"
+    return str(known)
 
 
 def cpu_key(threads: int) -> str:
@@ -104,7 +110,7 @@ def cpu_key(threads: int) -> str:
 def cached_choice(threads: int) -> GemmChoice | None:
     """The choice measured earlier on this CPU with this many threads, if the cache has one."""
     entry = _read_cache().get(cpu_key(threads))
-    return None if entry is None else GemmChoice(entry["gemm"], _reason(entry, "measured on this CPU before"))
+    return None if entry is None else GemmChoice(entry["gemm"], _reason(entry, "measured on this CPU before"), "blas")
 
 
 @functools.cache
@@ -146,7 +152,7 @@ def _measured_locked(threads: int) -> GemmChoice:
     entry = {"gemm": "blas" if numba_s / blas_s >= _MARGIN else "numba", "numba_ms": round(numba_s * 1e3, 2),
              "blas_ms": round(blas_s * 1e3, 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     where = _write_cache(cpu_key(threads), entry)
-    choice = GemmChoice(entry["gemm"], _reason(entry, "measured now"))
+    choice = GemmChoice(entry["gemm"], _reason(entry, "measured now"), "blas")
     _log.warning(f"jitkernels: prefill GEMM {choice}; {where}")
     return choice
 

@@ -73,7 +73,7 @@ def linears(
     ys = tuple(np.empty((x.shape[0], len(w)), dtype=np.float32) for w in ws)  # [T, n_out_i]
     if gemv:
         _gemv(x, ws, bs, ys)
-    elif _check_gemm(gemm) == "blas":
+    elif check_gemm(gemm) == "blas":
         linears_blas(x, ws, bs, ys)
     else:
         for w, b, y in zip(ws, bs, ys):
@@ -96,14 +96,15 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, gemm: str = "num
     y = np.empty((x.shape[0], len(wg)), dtype=np.float32)  # [T, F]
     if gemv:
         _gemv_swiglu(x, wg, wu, y)
-    elif _check_gemm(gemm) == "blas":
+    elif check_gemm(gemm) == "blas":
         swiglu_blas(x, wg, wu, y)
     else:
         _gemm_swiglu(x, wg, wu, y, numba.get_num_threads())
     return y
 
 
-def _check_gemm(gemm: str) -> str:
+def check_gemm(gemm: str) -> str:
+    """gemm itself if it names one of GEMMS; else a ValueError."""
     if gemm not in GEMMS:
         raise ValueError(f"unknown GEMM {gemm!r} (choose from {', '.join(GEMMS)})")
     return gemm

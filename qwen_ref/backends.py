@@ -44,7 +44,7 @@ NUMPY = Backend(
 )
 
 BACKEND_NAMES = ("numpy", "numba")
-# --kernels: which prefill GEMM the numba backend runs (jitkernels.choice; the numpy backend has one)
+# --kernels: which prefill GEMM and attention tiles the numba backend runs (jitkernels.choice; numpy has one)
 KERNEL_CHOICES = ("auto", "numba-gemm", "blas-gemm")
 
 
@@ -77,7 +77,7 @@ def _numba_backend(kernels: str) -> Backend:
         linears=functools.partial(jitkernels.linears, gemm=choice.gemm),
         rms_norm=jitkernels.rms_norm,
         apply_rope=jitkernels.apply_rope,
-        attention=jitkernels.attention,
+        attention=functools.partial(jitkernels.attention, gemm=choice.attention),
         swiglu=functools.partial(jitkernels.swiglu, gemm=choice.gemm),
         decoder_stack=jitkernels.DecoderStack,
         kernels=f"prefill GEMM {choice}",

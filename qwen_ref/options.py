@@ -30,8 +30,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels", choices=KERNEL_CHOICES, default="auto",
         help="the numba backend's prompt (T >= 4) matrix products: its own tiled kernel, or weights widened to "
-             "float32 blocks for NumPy's BLAS; auto takes $QWEN_REF_KERNELS if set, else the faster on this CPU, "
-             "measured once and cached (default: %(default)s)",
+             "float32 blocks for NumPy's BLAS; a name also sets the prompt's attention tiles (its micro-kernel or "
+             "sgemm); auto takes $QWEN_REF_KERNELS if set, else the faster GEMM on this CPU, measured once and "
+             "cached, and sgemm attention tiles where NumPy's OpenBLAS is callable (default: %(default)s)",
     )
     parser.add_argument("--threads", type=positive_int, help="threads for the kernels and BLAS (default: all cores)")
     parser.add_argument(

@@ -46,6 +46,7 @@ seeds = st.integers(0, 2**32 - 1)
 EVERY_GEMM = pytest.mark.parametrize("gemm", [
     pytest.param(g, marks=pytest.mark.skipif(g == "blas" and not blas.available(), reason=blas.UNAVAILABLE))
     for g in GEMMS])
+AVAILABLE_GEMMS = [g for g in GEMMS if g != "blas" or blas.available()]
 
 
 def stored(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -380,14 +381,20 @@ def test_gemm_choice_is_forced_by_name_or_environment_and_refuses_unknown_names(
 
     assert KERNEL_CHOICES == CLI_CHOICES  # qwen_ref names them without importing jitkernels
     monkeypatch.setenv(ENV, "numba-gemm")
-    assert choose_gemm("auto").gemm == "numba" and ENV in choose_gemm("auto").reason
+    forced = choose_gemm("auto")
+    assert forced.gemm == forced.attention == "numba" and ENV in forced.reason  # a name forces both
     if blas.available():
-        assert choose_gemm("blas-gemm").gemm == "blas"  # the command line's choice wins over the environment
+        forced = choose_gemm("blas-gemm")  # the command line's choice wins over the environment
+        assert forced.gemm == forced.attention == "blas"
     monkeypatch.setenv(ENV, "fastest")
     with pytest.raises(ValueError, match=ENV):
         choose_gemm("auto")
     monkeypatch.delenv(ENV)
-    assert choose_gemm("auto").gemm in GEMMS  # measured, or read from the cache
+    auto = choose_gemm("auto")
+    assert auto.gemm in GEMMS  # measured, or read from the cache
+    # attention's prefill items take sgemm tiles wherever OpenBLAS is callable, whichever GEMM won
+    assert auto.attention == ("blas" if blas.available() else "numba")
+    assert str(auto).endswith("prefill attention on " + ("sgemm tiles" if blas.available() else "the Numba micro-kernel"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,11 +509,12 @@ def attention_bound(q, keys, values, S):
     spare=st.integers(0, 9),
     score_scale=st.sampled_from([0.1, 1.0, 4.0]),
     kv_dtype=st.sampled_from(list(KV_DTYPES)),
+    gemm=st.sampled_from(AVAILABLE_GEMMS),  # blas: item_gemm where T * G >= GEMM_ROWS
     seed=seeds,
 )
-def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, kv_dtype, seed):
+def test_attention_matches_numpy_twin_on_cache_layers(T, past, Hkv, G, hd, spare, score_scale, kv_dtype, gemm, seed):
     q, keys, values, S = attention_case(np.random.default_rng(seed), T, past, Hkv, G, hd, spare, score_scale, kv_dtype)
-    got = jitkernels.attention(q, keys, values, S)
+    got = jitkernels.attention(q, keys, values, S, gemm)
     want = attention_twin(q, keys, values, S)
     assert got.shape == (T, Hkv * G * hd)
     assert np.all(np.abs(got - want) <= attention_bound(q, keys, values, S))
@@ -526,6 +534,28 @@ def test_attention_splits_long_caches_across_threads_and_merges_them(T, past, Hk
     q, keys, values, S = attention_case(np.random.default_rng(past), T, past, Hkv, G, hd, 5, 2.0, kv_dtype)
     got = jitkernels.attention(q, keys, values, S)
     assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
+
+
+# Prefill chunks of GEMM_ROWS (128) or more query rows per kv head: with the blas GEMM, items of 128 rows
+# through OpenBLAS's sgemm over blocks of GEMM_KEYS (256) keys, ragged in both (300 rows, S not a
+# multiple of 256); past > 0 puts the causal diagonal mid-block, where an item's first rows see no key of
+# the block and are left out of both products; G > 1 interleaves heads in the rows; hd 66 is no
+# multiple of any SIMD width. With the numba GEMM the same chunks take the tiled item.
+@pytest.mark.parametrize(("T", "past", "Hkv", "G", "hd"),
+                         [(128, 0, 1, 1, 64), (300, 1000, 2, 1, 64), (129, 3000, 1, 1, 64), (130, 517, 1, 5, 128),
+                          (200, 300, 2, 2, 128), (40, 700, 1, 4, 66)])
+@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
+@EVERY_GEMM
+def test_attention_of_long_prefill_chunks_matches_numpy_twin(T, past, Hkv, G, hd, kv_dtype, gemm):
+    q, keys, values, S = attention_case(np.random.default_rng(T + past), T, past, Hkv, G, hd, 7, 2.0, kv_dtype)
+    got = jitkernels.attention(q, keys, values, S, gemm)
+    assert np.all(np.abs(got - attention_twin(q, keys, values, S)) <= attention_bound(q, keys, values, S))
+
+
+def test_attention_rejects_an_unknown_gemm():
+    q, keys, values, S = attention_case(np.random.default_rng(0), 4, 4, 1, 1, 8, 0, 1.0)
+    with pytest.raises(ValueError, match="unknown GEMM"):
+        jitkernels.attention(q, keys, values, S, "cublas")
 
 
 @pytest.mark.parametrize("hd", [64, 8])
@@ -659,6 +689,13 @@ _SMOKE = textwrap.dedent(
     for kv_dtype in ("bfloat16", "float16"):  # 16-bit caches: the tiled item, then a row at a time
         for rows, c in ((q16, round_to_kv_dtype(cache16, kv_dtype)), (q[:1], round_to_kv_dtype(cache, kv_dtype))):
             got, want = jitkernels.attention(rows, c[0], c[1], 5), NUMPY.attention(rows, c[0], c[1], 5)
+            worst = max(worst, np.abs(got - want).max())
+    if blas.available():  # attention of 130 query rows per kv head (G = 2): item_gemm, ragged, float32 and 16-bit
+        q65 = rng.standard_normal((65, 4, 8), dtype=np.float32)
+        cache70 = rng.standard_normal((2, 2, 70, 8), dtype=np.float32)
+        for kv_dtype in ("float32", "bfloat16", "float16"):
+            c = round_to_kv_dtype(cache70, kv_dtype)
+            got, want = jitkernels.attention(q65, c[0], c[1], 67, "blas"), NUMPY.attention(q65, c[0], c[1], 67)
             worst = max(worst, np.abs(got - want).max())
     cos, sin = rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
     worst = max(worst, np.abs(jitkernels.apply_rope(q, cos, sin) - NUMPY.apply_rope(q, cos, sin)).max())
