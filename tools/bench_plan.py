@@ -140,7 +140,8 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     The host's speed drifts by 15% within minutes, and the main list measures a workload, its
     transformers baseline and the machine's ceilings minutes apart. In each round qwen-ref decodes
     (at the longest context, then at the prompt's) between two streaming reads, and transformers
-    decodes right after; qwen-ref's prefill runs between two GEMM runs, transformers' right after.
+    decodes right after; qwen-ref's prefill of each prompt length runs between two GEMM runs, each
+    followed by transformers'.
     The decodes also read the streaming ceiling in their own process just before and after each
     repeat (`ceiling_beside`), seconds from the tokens they bound rather than a minute: the host's
     bandwidth moves by 20% within a minute. A fraction or ratio from one round compares figures

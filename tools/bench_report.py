@@ -344,7 +344,8 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
     lines = [f"## Paired rounds ({plan.headline})", "",
              "The targets' workloads again at the end of the run, round after round. In each round qwen-ref decodes "
              "(at the longest context, then at the prompt's) between two streaming reads, and transformers decodes "
-             "right after; qwen-ref's prefill runs between two GEMM runs, and transformers' right after. A fraction "
+             "right after; qwen-ref's prefills (each prompt length, each followed by transformers') run between two GEMM "
+             "runs. A fraction "
              "or ratio from one round compares figures measured within a minute, under the same state of the host "
              "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
     if any(x.get("beside") for p in fractions.values() for x in p["rounds"]):
