@@ -452,7 +452,8 @@ def work_ttft(spec: dict) -> list[dict]:
         found = {k: re.search(pattern, err) for k, pattern in fields.items()}
         return seconds, {k: float(m.group(1)) if m else None for k, m in found.items()}
 
-    first_token()  # JIT cache, the GEMM choice: measured once per CPU, then cached
+    if spec.get("warm_up", True):
+        first_token()  # JIT cache, the GEMM choice: measured once per CPU, then cached
     runs = {state: {"values": [], "page_cache_before": [], "other_cores_rounds": [], **{k: [] for k in fields}}
             for state in ("cold", "warm")}
     waited = 0.0
