@@ -5,7 +5,7 @@ widened weight rows from within a Numba parallel loop, each Numba thread calling
 blocks. OpenBLAS then must not start threads of its own: `one_blas_thread` holds its thread count at
 1 while such a kernel runs (a setter call of well under a microsecond; the count is put back after).
 That is how the two thread pools stop stalling each other: OpenBLAS's workers never wake, so they
-never spin on a core that a Numba thread needs (see benchmarks/prefill_paths_intel-xeon-avx512.md).
+never spin on a core that a Numba thread needs (see benchmarks/hosts/intel-xeon-avx512-amx/prefill_paths.md).
 
 The library is the OpenBLAS that NumPy loaded (found with threadpoolctl, like `--threads`); its
 `sgemm` is given to the JIT under one name of ours (`llvmlite.binding.add_symbol`), so compiled

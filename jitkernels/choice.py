@@ -2,9 +2,9 @@
 
 The products with T >= 4 rows of x have two kernels (`matmul.GEMMS`): Numba's tiled `_gemm` and
 widen-then-BLAS (`jitkernels.gemm_blas`). Which is faster depends on the CPU (and on the BLAS NumPy
-ships): on an AVX-512 host OpenBLAS's sgemm is far ahead of Numba's code, on an AVX2 one the two
-were close (see benchmarks/prefill_paths_intel-xeon-avx512.md, benchmarks/BENCHMARKS.md). CPU
-features alone do not say by how much, so `auto` times both on a small layer of the Qwen1.5-0.5B
+ships): on an AVX-512 Xeon OpenBLAS's sgemm was far ahead of Numba's code, on an AVX-512 EPYC (Zen 4)
+Numba's was ahead, on an AVX2 EPYC the two were close (benchmarks/hosts/*/prefill_paths.md). CPU
+features alone do not say which, so `auto` times both on a small layer of the Qwen1.5-0.5B
 shape, alternating, and keeps the blas GEMM only if it is clearly faster (`_MARGIN`). The result is
 written to a JSON file in the kernel cache folder (`jitkernels.cache`, whose name changes with the
 qwen-ref version, the kernel sources and NumPy), keyed by the CPU's model name, LLVM's name for it

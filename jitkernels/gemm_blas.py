@@ -7,7 +7,7 @@ sgemm on it with x (`jitkernels.blas.sgemm_nt`, one BLAS thread per call), writi
 The block boundaries do not depend on the thread count, so y is the same on any number of threads.
 Why: on hosts whose BLAS has wider kernels than
 Numba's code (AVX-512), its sgemm runs far faster than `matmul._gemm`, and the widening is one read of
-each weight per call against 2T FLOPs per element (see benchmarks/prefill_paths_intel-xeon-avx512.md).
+each weight per call against 2T FLOPs per element (see benchmarks/hosts/intel-xeon-avx512-amx/prefill_paths.md).
 
 As in `matmul`, several weights go in one parallel pass: q, k and v (`linears_blas`), and gate and up
 (`swiglu_blas`: a block of gate rows beside the same rows of up in one scratch and one sgemm, then
@@ -31,7 +31,7 @@ _FASTMATH = {"reassoc", "contract"}
 # Bytes of float32 scratch per block of weight rows (a multiple of 16 rows, at least 16): the size of
 # the L2 of the smaller server cores (512 KB). Larger blocks let sgemm pack x less often per weight:
 # 128 KB blocks were ~1.25x slower, 512 KB to 2 MB within noise of each other (one noisy host:
-# benchmarks/prefill_paths_intel-xeon-avx512.md, "Block size").
+# benchmarks/hosts/intel-xeon-avx512-amx/prefill_paths.md, "Block size").
 _BLOCK_BYTES = 512 * 1024
 
 

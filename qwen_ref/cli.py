@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from qwen_ref.options import (
     positive_int,
 )
 from qwen_ref.fingerprint import checkpoint_hash
-from qwen_ref.paging import fits_in_memory
+from qwen_ref.paging import fits_in_memory, page_cache_fraction
 from qwen_ref.profile import Profile
 from qwen_ref.trace import (
     FIRST_NAMES,
@@ -42,7 +44,7 @@ from qwen_ref.trace import (
     save_trace,
     values_per_position,
 )
-from qwen_ref.weights import weights_dtype
+from qwen_ref.weights import weight_files, weights_dtype
 from qwen_ref.progress import prefill_bar
 from qwen_ref.prompt import add_prompt_arguments, prompt_text, prompt_token_ids
 from qwen_ref.sampling import Sampler, SamplingParams
@@ -160,8 +162,17 @@ def _sampling_params(args: argparse.Namespace, model_dir: Path, model: QwenModel
     return params, gen.eos_token_ids
 
 
-def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
+@dataclass(frozen=True)
+class LoadStats:
+    """How a model was loaded, for the timings on stderr."""
+
+    seconds: float  # config, weight mappings, tokenizer: the weights' pages are read later, on first touch
+    page_cache: float | None  # fraction of the checkpoint in the page cache before loading (None: unknown)
+
+
+def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, LoadStats]:
     started = time.perf_counter()
+    page_cache = page_cache_fraction(weight_files(Path(args.model)))
     model = load_model(args.model, get_backend(args.backend, args.kernels), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
     if model.pager is not None and args.layer_major == "auto" and not args.quiet:
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
@@ -169,7 +180,7 @@ def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]
     if getattr(args, "profile", None) is not None:
         model.recorder = args.profile
     tokenizer = Tokenizer.from_model_dir(args.model)
-    return model, tokenizer, time.perf_counter() - started
+    return model, tokenizer, LoadStats(time.perf_counter() - started, page_cache)
 
 
 def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokenizer | None) -> list[int]:
@@ -195,15 +206,36 @@ def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokeni
     return tokens
 
 
-def _timings(stats: GenerationStats, generated: int, load_seconds: float) -> str:
+def _timings(stats: GenerationStats, generated: int, load: LoadStats | None = None,
+             first_token: float | None = None) -> str:
+    """One line: the prompt's and the generated tokens' rates; with `load`, its time and, as users feel it,
+    the time to the first token since the process started (`first_token`), checkpoint reads included."""
+
     def rate(n: int, seconds: float) -> str:
         return f"{n / seconds:.2f} tok/s" if seconds > 0 else "-"
 
-    return (
-        f"prompt: {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens, stats.prefill_seconds)} | "
-        f"generated: {generated} tokens, {rate(stats.decode_tokens, stats.decode_seconds)} | "
-        f"load: {load_seconds:.2f} s"
-    )
+    line = (f"prompt: {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens, stats.prefill_seconds)} | "
+            f"generated: {generated} tokens, {rate(stats.decode_tokens, stats.decode_seconds)}")
+    if load is None:
+        return line
+    line += f" | load: {load.seconds:.2f} s"
+    if first_token is not None:
+        line += f" | first token: {first_token:.2f} s after start"
+    if load.page_cache is not None:
+        # mapped weights are read on first touch: a cold checkpoint's reads from disk fall in the prompt's time
+        line += f" | checkpoint {100 * load.page_cache:.0f}% in page cache at load" + (
+            " (the prompt's time includes reading the rest from disk)" if load.page_cache < 0.99 else "")
+    return line
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started, interpreter start-up and imports included (Linux), else None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 def _run_logits(args: argparse.Namespace) -> int:
@@ -268,7 +300,7 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer, load_seconds = _load(args)
+    model, tokenizer, load = _load(args)
     prompt = _prompt_tokens(args, model, tokenizer)
     params, eos = _sampling_params(args, args.model, model)
     if args.stop and tokenizer is None:
@@ -279,10 +311,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer, tuple(args.stop)) if tokenizer else None
     stats = GenerationStats()
     tokens: list[int] = []
+    first_token = None
     finish_reason = "length"
     bar = prefill_bar(len(prompt), args.prefill_chunk, args.quiet)
     for token in generate(model, prompt, args.max_new_tokens, eos, sampler, stats=stats,
                           prefill_chunk=args.prefill_chunk, on_prefill_chunk=bar):
+        if not tokens:
+            first_token = _process_age()
         tokens.append(token)
         piece = stream.push(token) if stream else ""
         if not args.json:
@@ -299,7 +334,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         print(rest, flush=True)
     if not args.quiet:
-        print(_timings(stats, len(tokens), load_seconds), file=sys.stderr)
+        print(_timings(stats, len(tokens), load, first_token), file=sys.stderr)
     if args.profile is not None:
         print(f"profile (prefill and decode together; per token of {len(prompt) + len(tokens)}):", file=sys.stderr)
         print(args.profile.report(len(prompt) + len(tokens)), file=sys.stderr)
@@ -342,7 +377,7 @@ def _run_chat(args: argparse.Namespace) -> int:
             continue
         print(flush=True)
         if not args.quiet:
-            print(_timings(stats, stats.decode_tokens + 1, 0.0).rsplit(" | load", 1)[0], file=sys.stderr)
+            print(_timings(stats, stats.decode_tokens + 1), file=sys.stderr)
 
 
 def _run_selfcheck(args: argparse.Namespace) -> int:

@@ -7,10 +7,14 @@ done with. So while layer i computes, layer i+1 is read ahead (MADV_WILLNEED, fr
 call can block while the reads are queued), and layer i's pages are marked cold (MADV_COLD), the
 first the kernel reclaims, so that they, not the next layer's, make room. Both are hints: a kernel
 without them reads the same bytes on demand.
+
+`page_cache_fraction` says how much of a checkpoint the page cache holds before a run: a cold one is
+read from disk during the first forward pass, which the command line's timings then say.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +50,32 @@ def fits_in_memory(weight_bytes: int, meminfo: Path = MEMINFO) -> bool:
     order, which needs no hints, is then kept unless asked for)."""
     memory = read_meminfo(meminfo)
     return memory is None or fits(weight_bytes, memory["MemAvailable"])
+
+
+def page_cache_fraction(paths: Iterable[Path]) -> float | None:
+    """The fraction of these files' pages that the page cache holds now, or None where that cannot be
+    asked (mincore(2) on a fresh mapping: it reads nothing and faults nothing in)."""
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    resident = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        pages = np.zeros(-(-size // mmap.PAGESIZE), dtype=np.uint8)  # [n_pages], bit 0: resident
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        failed = mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), ctypes.c_void_p(pages.ctypes.data))
+        del view  # the mapping cannot close while a view exports it
+        mapping.close()
+        if failed:
+            return None
+        resident += int(np.count_nonzero(pages & 1))
+        total += len(pages)
+    return resident / total if total else None
 
 
 def _mapping(array: np.ndarray) -> tuple[mmap.mmap, int] | None:

@@ -198,7 +198,7 @@ def expected_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the shard index names, else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -230,7 +230,7 @@ def load_weights(model_dir: Path, config: QwenConfig) -> dict[str, np.ndarray]:
     model_dir = Path(model_dir)
     tensors: dict[str, np.ndarray] = {}
     origin: dict[str, Path] = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         try:
             file_tensors = read_safetensors(path)
         except OSError as exc:

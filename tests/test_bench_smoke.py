@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-MEASUREMENT_KINDS = {"bandwidth", "gemm", "qwen_decode", "qwen_prefill", "profile", "hf_decode", "hf_prefill"}
+MEASUREMENT_KINDS = {"bandwidth", "gemm", "qwen_decode", "qwen_prefill", "profile", "hf_decode", "hf_prefill", "ttft"}
 
 
 def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path, torch_reference):
@@ -27,10 +27,13 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     )
     assert run.returncode == 0, run.stderr[-4000:]
 
-    results = json.loads((out / "results.json").read_text())
+    # one folder per host kind, and the index of every host beside it
+    (host,) = (out / "hosts").iterdir()
+    results = json.loads((host / "results.json").read_text())
     for key in ("command", "machine", "versions", "plan", "models", "measurements", "targets"):
         assert key in results
     assert results["machine"]["cpu_flags"] and results["machine"]["cores_available"] >= 1
+    assert results["machine"]["slug"] == host.name and host.name.endswith(results["machine"]["flag_class"])
     assert {"python", "numpy", "numba", "torch", "transformers"} <= set(results["versions"])
 
     measurements = results["measurements"]
@@ -50,7 +53,17 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
     assert decode["bytes_per_token"]["weights"] > 0 and decode["rss_budget_bytes"] > 0
     assert measurements["qwen-ref/numpy/tiny-bf16/decode/1t"]["median"] > 0
     assert "attention" in measurements["profile/numba/tiny-bf16/decode-ctx-32/1t"]["ops"]
-    assert len(results["targets"]) == 6
+    # every qwen-ref numba workload says which prefill GEMM ran and how warm its checkpoint was at load
+    for name, m in measurements.items():
+        if m["kind"] in ("qwen_decode", "qwen_prefill") and m["spec"]["backend"] == "numba":
+            assert m["prefill_gemm"] in ("numba-gemm", "blas-gemm") and 0 <= m["page_cache_at_load"] <= 1, name
+    # time to first token in fresh processes: the checkpoint evicted (cold), then cached (warm)
+    cold, warm = (measurements[f"{model}/ttft-16-{state}/1t"] for state in ("cold", "warm"))
+    # (a tmpfs cannot evict: there the cold run is as warm as the other, and this says nothing of them)
+    tmpfs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip() == "tmpfs"
+    assert warm["page_cache_before"] == [1.0] and (tmpfs or cold["page_cache_before"] == [0.0])
+    assert all(m["cli_first_token_seconds"][0] > m["cli_load_seconds"][0] > 0 for m in (cold, warm))
+    assert len(results["targets"]) == 8
 
     # the paired round: each target workload against the ceiling measured on either side of it, with the
     # bytes or FLOPs per token of the same workload in the main list
@@ -86,8 +99,12 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
         assert only["fraction_of_bound"] == np.median([v / b for v, b in zip(ours["values"], bounds)]), work
         assert fractions[work]["median_fraction_of_bound"] == only["fraction_of_bound"], work
         assert fractions[work]["median_bound_of_ceiling"] == only["bound_of_ceiling"] <= 1, work
-    for target in results["targets"][:5]:
-        assert "median of 1 paired round)" in target["target"] and target["main_list"] > 0, target
+    judged = [tg for tg in results["targets"] if "llama.cpp" not in tg["target"] and "RSS" not in tg["target"]]
+    assert len(judged) == 5
+    for target in judged:  # the bf16 bound is read in the paired rounds only: no main-list figure
+        assert "median of 1 paired round)" in target["target"] and target["value"] > 0, target
+        assert target["measured"] in {m["measured_at"][:10] for m in measurements.values()}, target
+    assert [tg["met"] for tg in results["targets"] if "llama.cpp" in tg["target"]] == [None, None]
 
     # the KV cache dtypes at the longest context, alternating in one process: one measurement per dtype, with
     # each round's ratio to the float32 cache's round; a 16-bit cache reads half the cache's bytes
@@ -100,11 +117,13 @@ def test_bench_smoke_writes_results_and_markdown_with_positive_numbers(tmp_path,
         assert m["bytes_per_token"]["kv_cache"] * halved == kv["float32"]["bytes_per_token"]["kv_cache"], d
     assert results["machine"]["lscpu"] is None or results["machine"]["lscpu"]["Flags"]
 
-    markdown = (out / "BENCHMARKS.md").read_text()
+    markdown = (host / "BENCHMARKS.md").read_text()
     assert "| anon-bf16 |" in markdown and "| of bf16 bound |" in markdown and "| of that ceiling |" in markdown
     for heading in ("## Targets", "## Ceilings", "## Decode", "## Prefill", "## Decode against context length",
-                    "## KV cache dtype at context 32", "## Paired rounds"):
+                    "## KV cache dtype at context 32", "## Time to first token", "## Paired rounds"):
         assert heading in markdown
+    index = (out / "BENCHMARKS.md").read_text()
+    assert f"| [{host.name}](hosts/{host.name}/BENCHMARKS.md) |" in index and "## Targets, host by host" in index
 
 
 def test_bench_llamacpp_refuses_bad_arguments_in_one_line(tmp_path):

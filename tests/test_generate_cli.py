@@ -87,6 +87,20 @@ def test_chat_flag_renders_the_template_as_transformers_does(text_model, torch_r
     assert out["prompt_tokens"] == list(expected["input_ids"])
 
 
+def test_timings_line_says_time_to_first_token_and_how_warm_the_checkpoint_was(text_model):
+    result = qwen_ref("generate", "--model", text_model, "--prompt", "Hello", "--max-new-tokens", 2)
+    assert result.returncode == 0, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    # a cold checkpoint's reads fall in the prompt's time: the line says how much was cached at load
+    found = re.search(r"load: ([\d.]+) s \| first token: ([\d.]+) s after start \| checkpoint (\d+)% in page cache at load",
+                      line)
+    assert found, line
+    load, first_token, cached = float(found[1]), float(found[2]), int(found[3])
+    assert first_token > load and 0 <= cached <= 100
+    if cached in (0, 100):  # the note on disk reads is there exactly when pages were missing
+        assert ("includes reading the rest from disk" in line) == (cached == 0), line
+
+
 def _prefill_counts(stderr):
     return [int(n) for n in re.findall(r"prompt: (\d+) tokens", stderr)]
 

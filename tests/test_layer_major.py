@@ -7,6 +7,7 @@ tolerance: any difference means a chunk saw other keys, positions or inputs.
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import qwen_ref.model
 from qwen_ref.backends import BACKEND_NAMES, get_backend
 from qwen_ref.generation import prefill
 from qwen_ref.model import ALL_ROWS, LAST_ROW, load_model
-from qwen_ref.paging import MADV_COLD, _mapping, fits_in_memory
+from qwen_ref.paging import MADV_COLD, _mapping, fits_in_memory, page_cache_fraction
 
 
 @pytest.mark.parametrize("backend_name", BACKEND_NAMES)
@@ -65,3 +66,23 @@ def test_layer_major_is_chosen_when_the_weights_do_not_fit(tmp_path, monkeypatch
     assert fits_in_memory(model.weight_bytes(), tmp_path / "missing")  # unknown: the chunk-by-chunk order
     monkeypatch.setattr(qwen_ref.model, "fits_in_memory", lambda n: fits_in_memory(n, meminfo))  # this "machine"
     assert (load_model(FIXTURES / "mqa_f16", get_backend("numpy")).pager is None) == fits
+
+
+def test_page_cache_fraction_counts_the_pages_a_read_brought_in_and_an_eviction_took_out(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(64 * mmap.PAGESIZE))
+    assert page_cache_fraction([path]) == 1.0  # just written: every page is cached
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        evicted = page_cache_fraction([path])
+        os.pread(fd, 16 * mmap.PAGESIZE, 0)  # a quarter read back
+        quarter = page_cache_fraction([path])
+    finally:
+        os.close(fd)
+    if evicted == 1.0:
+        pytest.skip("this file system keeps its pages in memory (tmpfs): nothing to evict")
+    # readahead may bring in more than was read, never less
+    assert evicted < 0.25 <= quarter <= 1.0
+    assert page_cache_fraction([]) is None

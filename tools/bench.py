@@ -1,14 +1,17 @@
 """Benchmark qwen-ref against the machine's ceilings and against transformers, in one run.
 
-    python tools/bench.py                                        # the full run: about 40 min
-    python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into results.json
+    python tools/bench.py                                        # the full run: about 45 min
+    python tools/bench.py --only 'qwen-ref/numba/0.5b-bf16/*'    # rerun a subset, merged into this host's results
+    python tools/bench.py --report                               # remake every host's page and the index
     python tools/bench.py --smoke --out /tmp/bench               # a tiny model in about a minute: CI runs the script
 
-Writes results.json (every measurement with its median, min, max, repeats and peak resident memory)
-and BENCHMARKS.md (tables, fractions of the ceilings, ratios to transformers, the targets) into
---out; the headline table also goes to stdout, progress to stderr. Random-weight checkpoints of the
-exact Qwen1.5-0.5B and -1.8B shapes are written once by tools/make_checkpoint.py under
---checkpoints and reused.
+Each host kind (CPU model name and SIMD class, bench_hosts.py) has its folder under --out:
+hosts/<host>/results.json (every measurement with its median, min, max, repeats and peak resident
+memory; the host's CPU, flags, cores and memory) and hosts/<host>/BENCHMARKS.md (tables, fractions
+of the ceilings, ratios to transformers, time to first token cold and warm, the targets). A run
+writes its own host's folder only, then the index --out/BENCHMARKS.md, every host side by side. The
+headline table also goes to stdout, progress to stderr. Random-weight checkpoints of the exact
+Qwen1.5-0.5B and -1.8B shapes are written once by tools/make_checkpoint.py under --checkpoints and reused.
 
 Every workload runs in a fresh subprocess (this script with --worker): its peak resident memory is
 then its own (os.wait4), and no JIT, BLAS or torch thread-pool state leaks from one to the next.
@@ -16,8 +19,9 @@ The machine is shared: each measurement records the CPU that other processes use
 Needs the `reference` extra (torch, transformers).
 
 The code: bench_plan.py (what one run measures: sizes and workloads), bench_workers.py (inside a
-worker subprocess), bench_figures.py (bytes, FLOPs, ceilings, targets), bench_report.py
-(BENCHMARKS.md); this file: the command line, the checkpoints and the worker subprocesses.
+worker subprocess), bench_figures.py (bytes, FLOPs, ceilings, targets), bench_report.py (a host's
+BENCHMARKS.md), bench_hosts.py (host kinds, the index); this file: the command line, the checkpoints
+and the worker subprocesses.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from pathlib import Path
 from bench_figures import derive, model_facts, paired_fractions, paired_ratios, targets
 from bench_plan import DTYPES, SMOKE, Plan, Workload, build_workloads, checkpoint_name
 from bench_report import _gb, _range, markdown
-from bench_workers import worker_main
+from bench_hosts import host_facts, index_markdown
+from bench_workers import drop_file_from_page_cache, drop_from_page_cache, worker_main  # noqa: F401 (bench_llamacpp)
 
 REPO = Path(__file__).resolve().parent.parent
 THIS = Path(__file__).resolve()
@@ -66,25 +71,6 @@ def ensure_checkpoint(root: Path, shape: str, dtype: str) -> Path:
     partial.rename(out)  # only a finished checkpoint gets the real name
     drop_from_page_cache(out)
     return out
-
-
-def drop_from_page_cache(model_dir: Path) -> None:
-    """Evict the checkpoint's files from the page cache, so that its first workload reads them from
-    disk as a user's run would. Pages that were just written stay 4 KB pages in the page cache;
-    read back from disk they come in large folios that qwen-ref maps as 2 MB pages (see
-    qwen_ref.weights.map_file). Every run thus starts from the same state, whatever ran before."""
-    for path in model_dir.glob("*.safetensors"):
-        drop_file_from_page_cache(path)
-
-
-def drop_file_from_page_cache(path: Path) -> None:
-    """Evict one file's pages, written back first (the kernel keeps dirty pages)."""
-    os.sync()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def kernels_digest() -> str:
@@ -132,11 +118,13 @@ def machine_info() -> dict:
     flags = field_of("flags").split()
     simd = [f for f in flags if f.startswith(("sse", "ssse", "avx", "fma", "f16c", "amx")) or f in ("bmi2",)]
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return {"cpu_model": field_of("model name"), "cpu_flags": flags, "simd_flags": simd,
+    described = lscpu()
+    return {"cpu_model": field_of("model name"), **host_facts(field_of("model name"), flags, described),
+            "cpu_flags": flags, "simd_flags": simd,
             "cores_available": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
             "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "kernel": platform.release(), "thp": thp.read_text().strip() if thp.is_file() else "?",
-            "lscpu": lscpu()}
+            "lscpu": described}
 
 
 def lscpu() -> dict | None:
@@ -176,13 +164,14 @@ def git_state() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks",
-                        help="where results.json and BENCHMARKS.md go (default: benchmarks/)")
+                        help="where hosts/<this host>/results.json and BENCHMARKS.md go, and the index "
+                             "BENCHMARKS.md of every host (default: benchmarks/)")
     parser.add_argument("--checkpoints", type=Path, default=REPO / "benchmarks" / "checkpoints",
                         help="cache folder of the random-weight checkpoints, made when missing "
                              "(default: benchmarks/checkpoints/)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only the workloads whose name matches one of these glob patterns (see --list); "
-                             "their results replace the same names in an existing results.json (default: all)")
+                             "their results replace the same names in this host's results.json (default: all)")
     parser.add_argument("--list", action="store_true", help="print the workload names and exit")
     parser.add_argument("--repeats", type=int,
                         help=f"timed repeats of each model workload (default: {Plan.repeats}, {SMOKE.repeats} with --smoke)")
@@ -190,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads of every workload; 1-thread scaling runs are added when > 1 "
                              "(default: every available core, here %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and tiny sizes: checks the script, measures nothing")
-    parser.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md from --out/results.json")
+    parser.add_argument("--report", action="store_true",
+                        help="only remake every host's BENCHMARKS.md from its results.json, and the index")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -219,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             if checkpoint_name(shape, dtype) in needed:
                 ensure_checkpoint(args.checkpoints, shape, dtype)
 
-    results_path = args.out / "results.json"
+    machine = machine_info()
+    host_dir = args.out / "hosts" / machine["slug"]
+    results_path = host_dir / "results.json"
     previous = json.loads(results_path.read_text()) if args.only and results_path.is_file() else {}
     results = {
         "schema": 1,
         "command": " ".join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "threads": args.threads, "smoke": args.smoke, "plan": dataclasses.asdict(plan),
-        "machine": machine_info(), "versions": versions(), "git": git_state(),
+        "machine": machine, "versions": versions(), "git": git_state(),
         "models": {f"{s}-{d}": model_facts(args.checkpoints / checkpoint_name(s, d)) for s in plan.shapes
                    for d in plan.dtypes if (args.checkpoints / checkpoint_name(s, d)).is_dir()},
         "measurements": dict(previous.get("measurements", {})),
@@ -234,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if previous:
         results["earlier_runs"] = previous.get("earlier_runs", []) + [
             {k: previous.get(k) for k in ("command", "started", "finished")}]
-    args.out.mkdir(parents=True, exist_ok=True)
+        results.update({k: previous[k] for k in ("notes", "llamacpp") if k in previous})  # the host's, not the run's
+    host_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     for i, w in enumerate(workloads, 1):
         print(f"[{i}/{len(workloads)}] {w.name}", file=sys.stderr, flush=True)
@@ -249,31 +242,49 @@ def main(argv: list[str] | None = None) -> int:
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         results["runtime_minutes"] = (time.time() - started) / 60
         results["complete"] = i == len(workloads)
-        write_results(results, args.out, plan)  # after every workload: an interrupted run keeps what it measured
-    print(write_results(results, args.out, plan))
-    print(f"wrote {results_path} and {args.out / 'BENCHMARKS.md'} in {results['runtime_minutes']:.1f} min"
+        write_results(results, host_dir, plan)  # after every workload: an interrupted run keeps what it measured
+    print(write_results(results, host_dir, plan))
+    write_index(args.out)
+    print(f"wrote {results_path}, {host_dir / 'BENCHMARKS.md'} and {args.out / 'BENCHMARKS.md'} in "
+          f"{results['runtime_minutes']:.1f} min"
           + (f"; {len(failed)} workloads failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
-def write_results(results: dict, out: Path, plan: Plan) -> str:
-    """Derive ceilings, fractions, ratios and targets; write results.json and BENCHMARKS.md; return the latter."""
+def write_results(results: dict, host_dir: Path, plan: Plan) -> str:
+    """Derive ceilings, fractions, ratios and targets; write the host's results.json and BENCHMARKS.md; return
+    the latter."""
     derive(results["measurements"], results["models"])
     results["paired"] = paired_ratios(results["measurements"], plan, results["threads"])
     results["paired_fractions"] = paired_fractions(results["measurements"], plan, results["threads"])
     results["targets"] = targets(results["measurements"], plan, results["threads"], results["paired"],
-                                 results["paired_fractions"])
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+                                 results["paired_fractions"], results.get("llamacpp"))
+    (host_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = markdown(results, plan)
-    (out / "BENCHMARKS.md").write_text(md + "\n")
+    (host_dir / "BENCHMARKS.md").write_text(md + "\n")
     return md
 
 
+def host_results(out: Path) -> dict[str, dict]:
+    """Every host's results.json under out/hosts/, by host."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "hosts").glob("*/results.json"))}
+
+
+def write_index(out: Path) -> None:
+    """out/BENCHMARKS.md: every host's results side by side."""
+    hosts = host_results(out)
+    for slug, results in hosts.items():
+        results["_files"] = [p.name for p in (out / "hosts" / slug).iterdir() if p.is_file()]
+    (out / "BENCHMARKS.md").write_text(index_markdown(hosts) + "\n")
+
+
 def report_only(out: Path) -> int:
-    """Rewrite BENCHMARKS.md (and the derived figures) from an existing results.json."""
-    results = json.loads((out / "results.json").read_text())
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
-    print(write_results(results, out, plan))
+    """Remake every host's BENCHMARKS.md (and the derived figures) from its results.json, then the index."""
+    for slug, results in host_results(out).items():
+        plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
+        write_results(results, out / "hosts" / slug, plan)
+    write_index(out)
+    print(f"wrote {out / 'BENCHMARKS.md'} and the pages of {len(host_results(out))} hosts", file=sys.stderr)
     return 0
 
 

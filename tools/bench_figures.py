@@ -128,10 +128,11 @@ def gemm_ceiling(measurements: dict[str, dict], shape: str, prompt: int, threads
 
 
 def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
-    """Per work ("decode", "prefill-P"): qwen-ref / transformers float32 in each paired round, and their median."""
+    """Per work ("decode", "prefill-P" for each P): qwen-ref / transformers float32 in each paired round, and
+    their median."""
     shape = plan.headline.split("-")[0]
     out = {}
-    for work in ("decode", f"prefill-{plan.prefill_prompts[-1]}"):
+    for work in ("decode", *[f"prefill-{P}" for P in plan.prefill_prompts]):
         rounds = []
         for r in range(1, plan.paired_rounds + 1):
             ours = measurements.get(f"paired/{r}/qwen-ref/numba/{plan.headline}/{work}/{threads}t")
@@ -145,7 +146,7 @@ def paired_ratios(measurements: dict[str, dict], plan: Plan, threads: int) -> di
 
 
 def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) -> dict[str, dict]:
-    """Per work ("decode", "decode-ctx-C", "prefill-P"): qwen-ref's tokens/s over the ceiling measured beside
+    """Per work ("decode", "decode-ctx-C", "prefill-P" for each P): qwen-ref's tokens/s over the ceiling measured beside
     it in each paired round, and the median of those fractions.
 
     A decode that read the ceiling in its own process around each repeat ("beside", see
@@ -159,7 +160,7 @@ def paired_fractions(measurements: dict[str, dict], plan: Plan, threads: int) ->
     (float32) at the streaming read's. `bound_of_ceiling` is then the highest fraction of the ceiling that
     kernels widening bfloat16 as qwen-ref's do could reach in that round."""
     out = {}
-    for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", f"prefill-{plan.prefill_prompts[-1]}"):
+    for work in ("decode", f"decode-ctx-{plan.contexts[-1]}", *[f"prefill-{P}" for P in plan.prefill_prompts]):
         decode_bf16 = work.startswith("decode") and plan.headline.endswith("-bf16")
         rounds = []
         for r in range(1, plan.paired_rounds + 1):
@@ -221,47 +222,65 @@ def _ceiling_beside(measurements: dict[str, dict], plan: Plan, r: int, work: str
     if work.startswith("decode"):
         names = [f"paired/{r}/ceiling/{label}/{kind}/{threads}t" for label in ("bandwidth", "bandwidth-after")]
     else:
-        shape, P = plan.headline.split("-")[0], plan.prefill_prompts[-1]
+        shape, P = plan.headline.split("-")[0], work.removeprefix("prefill-")
         names = [f"paired/{r}/ceiling/{label}/{shape}/T{P}/{threads}t" for label in ("gemm", "gemm-after")]
     found = [measurements[n]["median"] for n in names if n in measurements and "error" not in measurements[n]]
     return max(found) if found else None
 
 
 def targets(measurements: dict[str, dict], plan: Plan, threads: int, ratios: dict[str, dict],
-            fractions: dict[str, dict]) -> list[dict]:
-    """The figures the project is judged on, each with its threshold and whether it is met.
+            fractions: dict[str, dict], llamacpp: dict[str, float] | None = None) -> list[dict]:
+    """The figures the project is judged on (issue 21's), each with its threshold and whether it is met.
 
     Each is the median over the paired rounds when the run has them (`ratios` to transformers from
-    `paired_ratios`, `fractions` of the ceiling from `paired_fractions`), else the main list's figure."""
+    `paired_ratios`, `fractions` of the ceiling or of the bfloat16 bound from `paired_fractions`), else the
+    main list's figure. `llamacpp`: qwen-ref / llama.cpp per work ("decode", "prefill-P"), measured by
+    tools/bench_llamacpp.py on the same host; a target without its figure is "not measured"."""
     base = f"qwen-ref/numba/{plan.headline}"
-    model, P, ctx = plan.headline, plan.prefill_prompts[-1], plan.contexts[-1]
+    model, ctx = plan.headline, plan.contexts[-1]
 
-    def figure(work: str, paired: dict, key: str) -> tuple[str, float | None, float | None]:
-        """(how it was measured, the figure the target uses, the main list's figure)"""
-        main = measurements.get(f"{base}/{work}/{threads}t", {}).get(key)
-        if work in paired:
-            n = len(paired[work]["rounds"])
-            return f" (median of {n} paired {'rounds' if n > 1 else 'round'})", paired[work]["median"], main
-        return "", main, main
+    def measured(names: list[str]) -> str | None:
+        """The day of the latest of these measurements."""
+        days = [measurements[n].get("measured_at", "")[:10] for n in names if n in measurements]
+        return max(days) if any(days) else None
 
-    rows = [
-        (f"decode {model}, {plan.prompt}-token prompt: fraction of the decode ceiling",
-         figure("decode", fractions, "fraction_of_ceiling"), 0.90, ">="),
-        (f"decode {model}, {plan.prompt}-token prompt: x transformers float32",
-         figure("decode", ratios, "vs_transformers_float32"), 3.0, ">="),
-        (f"prefill {model}, {P}-token prompt: fraction of the prefill ceiling",
-         figure(f"prefill-{P}", fractions, "fraction_of_ceiling"), 0.60, ">="),
-        (f"prefill {model}, {P}-token prompt: x transformers float32",
-         figure(f"prefill-{P}", ratios, "vs_transformers_float32"), 1.0, ">"),
-        (f"decode {model} at context {ctx}: fraction of its ceiling (weights + KV cache)",
-         figure(f"decode-ctx-{ctx}", fractions, "fraction_of_ceiling"), 0.80, ">="),
-    ]
-    out = [{"target": t + how, "value": v, "main_list": main, "threshold": th, "op": op,
-            "met": None if v is None else (v >= th if op == ">=" else v > th)} for t, (how, v, main), th, op in rows]
+    def figure(work: str, paired: dict, key: str | None, paired_key: str = "median") -> tuple:
+        """(how it was measured, the figure the target uses, the main list's figure, the day it was measured)"""
+        name = f"{base}/{work}/{threads}t"
+        main = measurements.get(name, {}).get(key) if key else None
+        if paired_key in paired.get(work, {}):
+            rounds = paired[work]["rounds"]
+            how = f" (median of {len(rounds)} paired {'rounds' if len(rounds) > 1 else 'round'})"
+            return how, paired[work][paired_key], main, measured([f"paired/{x['round']}/{name}" for x in rounds])
+        return "", main, main, measured([name])
+
+    def llama(work: str) -> tuple:
+        ratio = (llamacpp or {}).get(work)
+        how = "" if ratio is None else " (tools/bench_llamacpp.py, median of alternating rounds)"
+        return how, ratio, None, (llamacpp or {}).get("measured")
+
+    decode = f"decode {model}, {plan.prompt}-token prompt"
+    rows = [(f"{decode}: fraction of the bfloat16 bound (anon-bf16 read)",
+             figure("decode", fractions, None, "median_fraction_of_bound"), 0.90, ">=", "fraction"),
+            (f"{decode}: x transformers float32", figure("decode", ratios, "vs_transformers_float32"), 3.0, ">=", "ratio"),
+            (f"{decode}: x llama.cpp bf16", llama("decode"), 1.0, ">=", "ratio")]
+    for P in plan.prefill_prompts:
+        prefill = f"prefill {model}, {P}-token prompt"
+        rows += [(f"{prefill}: fraction of the GEMM ceiling",
+                  figure(f"prefill-{P}", fractions, "fraction_of_ceiling"), 0.70, ">=", "fraction"),
+                 (f"{prefill}: x transformers float32",
+                  figure(f"prefill-{P}", ratios, "vs_transformers_float32"), 1.2, ">=", "ratio"),
+                 (f"{prefill}: x llama.cpp bf16", llama(f"prefill-{P}"), 1.0, ">=", "ratio")]
+    rows.append((f"decode {model} at context {ctx}: fraction of its ceiling (weights + KV cache)",
+                 figure(f"decode-ctx-{ctx}", fractions, "fraction_of_ceiling"), 0.80, ">=", "fraction"))
+    out = [{"target": t + how, "value": v, "main_list": main, "threshold": th, "op": op, "unit": unit, "measured": day,
+            "met": None if v is None else (v >= th if op == ">=" else v > th)}
+           for t, (how, v, main, day), th, op, unit in rows]
     over = [n for n, m in measurements.items() if m.get("rss_budget_bytes") and m["kind"] == "qwen_decode"
             and m["spec"].get("backend") == "numba" and m["peak_rss_bytes"] > m["rss_budget_bytes"]]
     have = [m for m in measurements.values() if m.get("rss_budget_bytes") and m["spec"].get("backend") == "numba"]
     out.append({"target": "decode peak RSS <= checkpoint + KV cache + 300 MB (every numba decode run)",
                 "value": f"{len(have) - len(over)} of {len(have)} within" + (f"; over: {', '.join(over)}" if over else ""),
-                "threshold": None, "op": None, "met": (not over) if have else None})
+                "threshold": None, "op": None, "unit": None, "met": (not over) if have else None,
+                "measured": max((m.get("measured_at", "")[:10] for m in have), default=None)})
     return out

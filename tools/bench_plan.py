@@ -33,6 +33,8 @@ class Plan:
     context_new_tokens: int = 32
     hf_context_new_tokens: int = 8  # transformers copies its whole cache every step: 0.5 tokens/s at 16K
     profile_steps: int = 16  # decode steps timed op by op, per repeat
+    ttft_rounds: int = 5  # time to first token of a `prompt`-token prompt: one fresh process cold, one warm, per round
+    ttft_warm_up: bool = True  # one untimed launch first (JIT cache, GEMM choice); the smoke run's earlier workloads did that
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # what transformers computes in
     repeats: int = 3
     paired_rounds: int = 5  # the targets' workloads beside their ceilings and transformers, again and again
@@ -44,8 +46,8 @@ class Plan:
 SMOKE = Plan(
     shapes=("tiny",), dtypes=("bf16",), headline="tiny-bf16", prompt=16, new_tokens=6, slow_new_tokens=4,
     numpy_new_tokens=4, prefill_prompts=(16,), contexts=(32,), context_new_tokens=4, hf_context_new_tokens=4,
-    profile_steps=3, hf_dtypes=("float32",), repeats=2, paired_rounds=1, ceiling_repeats=3, stream_bytes=2**26,
-    quiet_wait=0.0,
+    profile_steps=3, ttft_rounds=1, ttft_warm_up=False, hf_dtypes=("float32",), repeats=2, paired_rounds=1,
+    ceiling_repeats=3, stream_bytes=2**26, quiet_wait=0.0,
 )
 
 
@@ -109,8 +111,8 @@ def build_workloads(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]
 
 
 def _headline_extras(model: str, ckpt: str, threads: int, plan: Plan) -> list[Workload]:
-    """The context sweep, the KV cache dtypes at the longest context, the numpy backend, 1-thread scaling and the
-    op-by-op profile of one checkpoint."""
+    """The context sweep, the KV cache dtypes at the longest context, the numpy backend, 1-thread scaling, the
+    time to first token (checkpoint cold and warm) and the op-by-op profile of one checkpoint."""
     work = [_decode(f"qwen-ref/numba/{model}/decode-ctx-{ctx}/{threads}t", "qwen_decode", ckpt, threads, plan,
                     backend="numba", new_tokens=plan.context_new_tokens, context=ctx) for ctx in plan.contexts]
     ctx = plan.contexts[-1]  # one workload, one measurement per dtype: .../decode-ctx-{ctx}-kv-{dtype}/{threads}t
@@ -124,6 +126,9 @@ def _headline_extras(model: str, ckpt: str, threads: int, plan: Plan) -> list[Wo
                             new_tokens=plan.new_tokens))
         work.append(_prefill(f"qwen-ref/numba/{model}/prefill-{plan.prefill_prompts[-1]}/1t", "qwen_prefill", ckpt,
                              1, plan, plan.prefill_prompts[-1], backend="numba"))
+    work.append(Workload(f"qwen-ref/numba/{model}/ttft-{plan.prompt}/{threads}t", {
+        "kind": "ttft", "threads": threads, "model": model, "model_dir": ckpt, "prompt": plan.prompt,
+        "repeats": plan.ttft_rounds, "warm_up": plan.ttft_warm_up}))
     work.append(Workload(f"profile/numba/{model}/{threads}t", {"kind": "profile", "threads": threads,
                 "model": model, "model_dir": ckpt, "contexts": list(plan.contexts), "steps": plan.profile_steps,
                 "prompt": plan.prefill_prompts[-1], "repeats": plan.repeats}))
@@ -136,7 +141,8 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     The host's speed drifts by 15% within minutes, and the main list measures a workload, its
     transformers baseline and the machine's ceilings minutes apart. In each round qwen-ref decodes
     (at the longest context, then at the prompt's) between two streaming reads, and transformers
-    decodes right after; qwen-ref's prefill runs between two GEMM runs, transformers' right after.
+    decodes right after; qwen-ref's prefill of each prompt length runs between two GEMM runs, each
+    followed by transformers'.
     The decodes also read the streaming ceiling in their own process just before and after each
     repeat (`ceiling_beside`), seconds from the tokens they bound rather than a minute: the host's
     bandwidth moves by 20% within a minute. A fraction or ratio from one round compares figures
@@ -144,7 +150,7 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
     """
     shape, dtype = plan.headline.split("-")
     ours, theirs = str(ckpt_root / checkpoint_name(shape, dtype)), str(ckpt_root / checkpoint_name(shape, "bf16"))
-    P, ctx = plan.prefill_prompts[-1], plan.contexts[-1]
+    ctx = plan.contexts[-1]
     work = []
     for r in range(1, plan.paired_rounds + 1):
         # only the anon read and the headline's GEMM: the prefill's ceiling, and for the decodes (which read
@@ -160,13 +166,14 @@ def _paired_rounds(plan: Plan, threads: int, ckpt_root: Path) -> list[Workload]:
             _bandwidth(plan, threads, ceiling, "bandwidth-after", mmap_file=""),
             _decode(f"paired/{r}/transformers/float32/{shape}/decode/{threads}t", "hf_decode", theirs, threads, plan,
                     torch_dtype="float32", new_tokens=plan.new_tokens),
-            _gemm(plan, threads, ceiling, "gemm", ckpt_root, (shape,), (P,)),
-            _prefill(f"paired/{r}/qwen-ref/numba/{plan.headline}/prefill-{P}/{threads}t", "qwen_prefill", ours,
-                     threads, plan, P, backend="numba"),
-            _gemm(plan, threads, ceiling, "gemm-after", ckpt_root, (shape,), (P,)),
-            _prefill(f"paired/{r}/transformers/float32/{shape}/prefill-{P}/{threads}t", "hf_prefill", theirs, threads,
-                     plan, P, torch_dtype="float32"),
+            _gemm(plan, threads, ceiling, "gemm", ckpt_root, (shape,), plan.prefill_prompts),
         ]
+        for P in plan.prefill_prompts:
+            work += [_prefill(f"paired/{r}/qwen-ref/numba/{plan.headline}/prefill-{P}/{threads}t", "qwen_prefill", ours,
+                              threads, plan, P, backend="numba"),
+                     _prefill(f"paired/{r}/transformers/float32/{shape}/prefill-{P}/{threads}t", "hf_prefill", theirs,
+                              threads, plan, P, torch_dtype="float32")]
+        work.append(_gemm(plan, threads, ceiling, "gemm-after", ckpt_root, (shape,), plan.prefill_prompts))
     return work
 
 

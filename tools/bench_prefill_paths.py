@@ -11,7 +11,8 @@ float32 sgemm on the seven products of one layer (the ceiling). Each worker repo
 round by round, then their median; tokens/s and GFLOP/s are medians over rounds. The checkpoint is
 warm (every worker reads it right after the previous one). Writes a markdown table with the
 command, the host (lscpu model name and SIMD flags) and the load (uptime, and the other processes'
-CPU use that each worker measured) to --out, and prints it.
+CPU use that each worker measured) to --out (default: benchmarks/hosts/<this host>/prefill_paths.md,
+the host as tools/bench.py names it), and prints it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+from bench import machine_info
 from bench_figures import model_facts, prefill_flops_per_token
 
 PATHS = ("numba-gemm", "blas-gemm")
@@ -67,8 +69,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="(default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed prompts per worker (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="(default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="markdown file to write (default: print only)")
+    parser.add_argument("--out", type=Path,
+                        help="markdown file to write (default: benchmarks/hosts/<this host>/prefill_paths.md)")
     args = parser.parse_args()
+    args.out = args.out or REPO / "benchmarks" / "hosts" / machine_info()["slug"] / "prefill_paths.md"
 
     facts = model_facts(args.model)
     common = {"threads": args.threads, "repeats": args.repeats, "quiet_wait": 0.0}
@@ -124,8 +128,8 @@ def main() -> None:
                      f"{max(got['other cores']):.2f} | | | |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
 
 
 def _llvm_cpu() -> str:

@@ -81,14 +81,19 @@ def markdown(results: dict, plan: Plan) -> str:
     M, threads = results["measurements"], results["threads"]
     t = f"{threads}t"
     runs = [*results.get("earlier_runs", []), results]  # --only reruns merge into an earlier run's results
-    lines = ["# qwen-ref benchmarks", "",
-             "Measured by " + ", then ".join(f"`{r['command']}` ({r['started']} to {r['finished']})" for r in runs)
-             + ". Regenerate with `python tools/bench.py` (all options: `--help`); a rerun of some workloads "
-             "(`--only`) replaces just their measurements.", ""]
     mach, ver = results["machine"], results["versions"]
-    lines += [f"**Machine**: {mach['cpu_model']}, {mach['cores_available']} cores available, "
+    lines = [f"# qwen-ref benchmarks on {mach.get('slug', mach['cpu_model'])}", "",
+             "Measured by " + ", then ".join(f"`{r['command']}` ({r['started']} to {r['finished']})" for r in runs)
+             + ". Regenerate with `python tools/bench.py` on a host of this kind (all options: `--help`); a rerun "
+             "of some workloads (`--only`) replaces just their measurements. Every host side by side: "
+             "[../../BENCHMARKS.md](../../BENCHMARKS.md).", ""]
+    lines += [f"> {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
+    family = "/".join(str(x) for x in (mach.get("cpu_family"), mach.get("cpu_model_number")) if x)
+    lines += [f"**Machine**: {mach['cpu_model']}" + (f" (family/model {family})" if family else "")
+              + f", {mach['cores_available']} cores available, "
               f"{mach['memory_gb']:.0f} GB, Linux {mach['kernel']}; transparent huge pages `{mach['thp']}`. "
               f"SIMD flags: {', '.join(mach['simd_flags'])}.", "",
+              *_loaded_lines(M),
               "**Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".", "",
               f"**Threads**: {threads} unless a name ends in `1t` (qwen-ref: `qwen_ref.threads.set_threads`; "
               "transformers: `torch.set_num_threads`).", ""]
@@ -111,7 +116,7 @@ def markdown(results: dict, plan: Plan) -> str:
     lines += ["## Targets", ""]
     rows = []
     for tg in results["targets"]:
-        fmt = _x if "x transformers" in tg["target"] else _pct
+        fmt = _x if tg.get("unit") == "ratio" else _pct
         value = tg["value"] if isinstance(tg["value"], str) else fmt(tg["value"])
         verdict = {True: "**met**", False: "**not met**", None: "not measured"}[tg["met"]]
         main = "" if tg.get("main_list") is None or tg["main_list"] == tg["value"] else fmt(tg["main_list"])
@@ -252,6 +257,7 @@ def markdown(results: dict, plan: Plan) -> str:
         if threads > 1 and one and many and "error" not in one and "error" not in many:
             lines += [f"{work}: {threads} threads / 1 thread = **{many['median'] / one['median']:.2f}x**.", ""]
 
+    lines += _ttft_section(M, plan, t)
     lines += _paired_section(results.get("paired", {}), results.get("paired_fractions", {}), plan)
     lines += _profile_section(M, plan, t)
     lines += ["## Method", "",
@@ -273,6 +279,60 @@ def markdown(results: dict, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _loaded_lines(M: dict) -> list[str]:
+    """Which prefill GEMM the qwen-ref workloads ran, and how warm their checkpoints were when they loaded."""
+    gemms = defaultdict(list)
+    for m in M.values():
+        if m.get("prefill_gemm"):
+            gemms[f"{m['prefill_gemm']} ({m['prefill_gemm_reason']})"].append(m)
+    loaded = [m["page_cache_at_load"] for m in M.values() if m.get("page_cache_at_load") is not None]
+    lines = []
+    if gemms:
+        lines += ["**Prefill GEMM** (`jitkernels.choice`): " + "; ".join(
+            f"{g} in {len(ms)} measurements" for g, ms in gemms.items()) + ".", ""]
+    if loaded:
+        cold = sum(x < 0.99 for x in loaded)
+        lines += [f"**Page cache**: the checkpoint was fully in the page cache when {len(loaded) - cold} of "
+                  f"{len(loaded)} workloads loaded it, partly or not in {cold} (each run first evicts its "
+                  "checkpoints; a workload's untimed warm-up reads what is missing before its timed repeats). "
+                  "`page_cache_at_load` in results.json.", ""]
+    return lines
+
+
+def _ttft_section(M: dict, plan: Plan, t: str) -> list[str]:
+    found = {m["page_cache"]: m for m in M.values() if m.get("kind") == "ttft" and "error" not in m}
+    if not found:
+        return []
+    rows = []
+    for state in ("cold", "warm"):
+        m = found.get(state)
+        if m:
+            before = [x for x in m.get("page_cache_before", []) if x is not None]
+            rows.append([state, _range(m) + _busy(m), _pct(float(np.median(before))) if before else "—",
+                         _f(_median(m.get("cli_load_seconds"))), _f(_median(m.get("cli_prompt_tokens_per_s"))),
+                         _f(_median(m.get("cli_first_token_seconds"))), str(m["repeats"])])
+    lines = [f"## Time to first token ({plan.headline}, {plan.prompt}-token prompt)", "",
+             "`qwen-ref generate --max-new-tokens 1` in a fresh process, seconds from its launch to the first token on "
+             "its stdout: interpreter start-up, imports, kernels from the JIT cache, load, and a prefill that reads "
+             "from disk whatever of the checkpoint the page cache lacks. cold: the checkpoint evicted first "
+             "(`posix_fadvise(DONTNEED)`; these hosts trim an idle page cache within minutes), warm: the same "
+             "command right after. Only the checkpoint is evicted (Python, the libraries and the JIT cache stay "
+             "cached). Rounds alternate cold and warm; the command's own timings line is parsed beside: load "
+             "(mapping, not reading, the weights), the prompt's tokens/s (a cold prompt's time includes the reads) "
+             "and its first-token time.", ""]
+    lines += _table(["checkpoint", "first token, s", "in page cache before", "load, s (its stderr)",
+                     "prompt tok/s (its stderr)", "first token, s (its stderr)", "rounds"], rows) + [""]
+    if {"cold", "warm"} <= set(found):
+        lines += [f"cold / warm: **{found['cold']['median'] / found['warm']['median']:.2f}x** the time to the first "
+                  "token.", ""]
+    return lines
+
+
+def _median(values: list | None) -> float | None:
+    values = [v for v in values or [] if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def _attn(M: dict) -> str:
     found = {m.get("attn_implementation") for m in M.values() if m.get("attn_implementation")}
     return ", ".join(sorted(found)) or "?"
@@ -284,7 +344,8 @@ def _paired_section(ratios: dict[str, dict], fractions: dict[str, dict], plan: P
     lines = [f"## Paired rounds ({plan.headline})", "",
              "The targets' workloads again at the end of the run, round after round. In each round qwen-ref decodes "
              "(at the longest context, then at the prompt's) between two streaming reads, and transformers decodes "
-             "right after; qwen-ref's prefill runs between two GEMM runs, and transformers' right after. A fraction "
+             "right after; qwen-ref's prefills (each prompt length, each followed by transformers') run between two GEMM "
+             "runs. A fraction "
              "or ratio from one round compares figures measured within a minute, under the same state of the host "
              "(which drifts by 15% or more over a run); the targets use the median over the rounds.", ""]
     if any(x.get("beside") for p in fractions.values() for x in p["rounds"]):

@@ -114,6 +114,32 @@ def measure(run: Callable[[], float], spec: dict, what: str, unit: str,
             "quiet_wait_seconds": round(waited, 1), **({"beside": readings} if beside else {})}
 
 
+def drop_from_page_cache(model_dir: Path) -> None:
+    """Evict the checkpoint's files from the page cache, so that its first workload reads them from
+    disk as a user's run would. Pages that were just written stay 4 KB pages in the page cache;
+    read back from disk they come in large folios that qwen-ref maps as 2 MB pages (see
+    qwen_ref.weights.map_file). Every run thus starts from the same state, whatever ran before."""
+    for path in Path(model_dir).glob("*.safetensors"):
+        drop_file_from_page_cache(path)
+
+
+def drop_file_from_page_cache(path: Path) -> None:
+    """Evict one file's pages, written back first (the kernel keeps dirty pages)."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def page_cache(model_dir: str) -> float | None:
+    """The fraction of the checkpoint's weight files in the page cache now (qwen_ref.paging)."""
+    from qwen_ref.paging import page_cache_fraction
+
+    return page_cache_fraction(sorted(Path(model_dir).glob("*.safetensors")))
+
+
 def _progress(text: str) -> None:
     print(f"    {text}", file=sys.stderr, flush=True)
 
@@ -279,19 +305,23 @@ def _fill_cache(cache, context: int) -> None:
 
 
 def _qwen_model(spec: dict, backend: str | None = None):
+    """The model, and what to record with its measurements: the checkpoint's page-cache state before it
+    loaded (its warm-up reads the rest), and for numba the prefill GEMM (jitkernels.choice) and threading layer."""
     from qwen_ref import load_model
     from qwen_ref.backends import get_backend
 
     _qwen_threads(spec["threads"])
-    return load_model(spec["model_dir"], get_backend(backend or spec["backend"]))
+    facts = {"page_cache_at_load": page_cache(spec["model_dir"])}
+    model = load_model(spec["model_dir"], get_backend(backend or spec["backend"]))
+    if (backend or spec["backend"]) == "numba":
+        import numba
 
+        from jitkernels import choose_gemm
 
-def _numba_info(spec: dict) -> dict:
-    if spec.get("backend") != "numba":
-        return {}
-    import numba
-
-    return {"numba_threading_layer": numba.threading_layer()}
+        choice = choose_gemm()  # what the backend took: forced by $QWEN_REF_KERNELS, or cached for this CPU
+        facts |= {"prefill_gemm": choice.name, "prefill_gemm_reason": choice.reason,
+                  "numba_threading_layer": numba.threading_layer()}
+    return model, facts
 
 
 def work_qwen_decode(spec: dict) -> list[dict]:
@@ -301,9 +331,9 @@ def work_qwen_decode(spec: dict) -> list[dict]:
     from qwen_ref.generation import GenerationStats, generate
     from qwen_ref.sampling import GREEDY, Sampler
 
-    model = _qwen_model(spec)
+    model, facts = _qwen_model(spec)
     if spec.get("kv_dtypes"):
-        return _decode_kv_dtypes(model, spec)
+        return [{**m, **facts} for m in _decode_kv_dtypes(model, spec)]
     ctx, n_new = spec["context"], spec["new_tokens"]
     if ctx is None:
         tokens, cache = _random_tokens(spec["prompt"], model.config.vocab_size), None
@@ -322,7 +352,7 @@ def work_qwen_decode(spec: dict) -> list[dict]:
     run(min(4, n_new))  # JIT (from the disk cache), page cache, thread pools
     beside = ceiling_reads(spec["ceiling_beside"]) if spec.get("ceiling_beside") else None
     m = measure(lambda: run(n_new), spec, "decode", "tokens/s", beside)
-    return [{"decode_steps": n_new - 1, **m, **_numba_info(spec)}]
+    return [{"decode_steps": n_new - 1, **m, **facts}]
 
 
 def _decode_kv_dtypes(model, spec: dict) -> list[dict]:
@@ -368,7 +398,7 @@ def _decode_kv_dtypes(model, spec: dict) -> list[dict]:
                     "other_cores": float(np.mean([m["other_cores"] for m in ms])),
                     "steal_cores": float(np.mean([m["steal_cores"] for m in ms])),
                     "discarded": [d for m in ms for d in m["discarded"]],
-                    "quiet_wait_seconds": round(sum(m["quiet_wait_seconds"] for m in ms), 1), **_numba_info(spec)})
+                    "quiet_wait_seconds": round(sum(m["quiet_wait_seconds"] for m in ms), 1)})
     return out
 
 
@@ -376,7 +406,7 @@ def work_qwen_prefill(spec: dict) -> list[dict]:
     """One prompt through an empty cache, logits of the last position only (what generation needs)."""
     from qwen_ref.generation import prefill
 
-    model = _qwen_model(spec)
+    model, facts = _qwen_model(spec)
     tokens = _random_tokens(spec["prompt"], model.config.vocab_size)
 
     def run(n: int) -> float:
@@ -386,7 +416,72 @@ def work_qwen_prefill(spec: dict) -> list[dict]:
         return n / (time.perf_counter() - start)
 
     run(min(64, len(tokens)))  # warm-up
-    return [{**measure(lambda: run(len(tokens)), spec, "prefill", "tokens/s"), **_numba_info(spec)}]
+    return [{**measure(lambda: run(len(tokens)), spec, "prefill", "tokens/s"), **facts}]
+
+
+def work_ttft(spec: dict) -> list[dict]:
+    """Time to the first token as a user meets it, checkpoint cold and warm, round after round.
+
+    Each figure is one `qwen-ref generate --max-new-tokens 1` of a spec["prompt"]-token prompt in a fresh
+    process, from its launch to the token on its stdout: interpreter start-up, imports, kernels from the
+    JIT cache, load, and a prefill that reads whatever of the checkpoint the page cache lacks. Cold: the
+    checkpoint evicted first (as these hosts trim an idle page cache); warm: right after, the same again.
+    Only the checkpoint is evicted: Python, the libraries and the JIT cache stay in the page cache. The
+    command's own timings line (load, prompt tokens/s, first token) is parsed and kept beside each figure.
+    """
+    import re
+    import subprocess
+
+    vocab = json.loads((Path(spec["model_dir"]) / "config.json").read_text())["vocab_size"]
+    tokens = ",".join(str(t) for t in _random_tokens(spec["prompt"], vocab))
+    cmd = [sys.executable, "-m", "qwen_ref", "generate", "--model", spec["model_dir"], "--tokens", tokens,
+           "--max-new-tokens", "1", "--threads", str(spec["threads"])]
+    fields = {"cli_load_seconds": r"load: ([\d.]+) s", "cli_first_token_seconds": r"first token: ([\d.]+) s",
+              "cli_prompt_tokens_per_s": r"prompt: \d+ tokens, ([\d.]+) tok/s"}
+
+    def first_token() -> tuple[float, dict]:
+        """Seconds from launch to the first byte on stdout (the token's id, flushed as it comes), and the
+        command's timings."""
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.read(1)
+        seconds = time.perf_counter() - start
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"qwen-ref generate exited with {proc.returncode}: {err[-2000:]}")
+        found = {k: re.search(pattern, err) for k, pattern in fields.items()}
+        return seconds, {k: float(m.group(1)) if m else None for k, m in found.items()}
+
+    if spec.get("warm_up", True):
+        first_token()  # JIT cache, the GEMM choice: measured once per CPU, then cached
+    runs = {state: {"values": [], "page_cache_before": [], "other_cores_rounds": [], **{k: [] for k in fields}}
+            for state in ("cold", "warm")}
+    waited = 0.0
+    for r in range(spec["repeats"]):
+        waited += wait_for_quiet(max(0.0, spec["quiet_wait"] - waited))
+        for state, run in runs.items():
+            if state == "cold":
+                drop_from_page_cache(Path(spec["model_dir"]))
+            run["page_cache_before"].append(page_cache(spec["model_dir"]))
+            load, children = CpuLoad(), os.times()
+            with load.measuring():
+                seconds, timings = first_token()
+            load.others -= (os.times().children_user - children.children_user) + (
+                os.times().children_system - children.children_system)  # the child's CPU is the workload's
+            run["values"].append(seconds)
+            run["other_cores_rounds"].append(round(load.cores(), 3))
+            for k, v in timings.items():
+                run[k].append(v)
+            _progress(f"first token, {state}: {seconds:.2f} s (round {r + 1}, checkpoint "
+                      f"{100 * (run['page_cache_before'][-1] or 0):.0f}% in page cache)")
+    out = []
+    for state, run in runs.items():
+        v = run["values"]
+        out.append({"name": f"qwen-ref/numba/{spec['model']}/ttft-{spec['prompt']}-{state}/{spec['threads']}t",
+                    "page_cache": state, "unit": "s", "median": float(np.median(v)), "min": min(v), "max": max(v),
+                    "repeats": len(v), "other_cores": float(np.mean(run["other_cores_rounds"])),
+                    "discarded": [], "quiet_wait_seconds": round(waited, 1), **run})
+    return out
 
 
 class OpTimer:
@@ -464,7 +559,7 @@ def work_profile(spec: dict) -> list[dict]:
     """Decode steps at each context, and one prefill, broken down by backend operation."""
     from qwen_ref.generation import prefill
 
-    model = _qwen_model(spec, "numba")
+    model, facts = _qwen_model(spec, "numba")
     labels = {id(w): name.split(".")[-2] for name, w in model.weights.items() if name.endswith("proj.weight")}
     labels[id(model.lm_head)] = "lm_head (tied embedding)" if model.config.tie_word_embeddings else "lm_head"
     timer = OpTimer(labels)
@@ -479,7 +574,7 @@ def work_profile(spec: dict) -> list[dict]:
         m = measure(run, spec, f"decode at context {ctx}", "ms/token")
         # the op table of the repeat whose time is the median (the tables of discarded repeats are there too)
         ops = min(tables, key=lambda table: abs(sum(op["ms"] for op in table.values()) - m["median"]))
-        out.append({"name": f"{where}/decode-ctx-{ctx}/{spec['threads']}t", "context": ctx, **m, "ops": ops})
+        out.append({"name": f"{where}/decode-ctx-{ctx}/{spec['threads']}t", "context": ctx, **m, "ops": ops, **facts})
         del cache, run
     P = spec["prompt"]
     tokens = _random_tokens(P, model.config.vocab_size)
@@ -496,7 +591,7 @@ def work_profile(spec: dict) -> list[dict]:
         return 1e3 * seconds
 
     m = measure(run_prefill, {**spec, "repeats": 1}, f"prefill of {P}", "ms")
-    out.append({"name": f"{where}/prefill-{P}/{spec['threads']}t", "prompt": P, **m, "ops": tables[-1]})
+    out.append({"name": f"{where}/prefill-{P}/{spec['threads']}t", "prompt": P, **m, "ops": tables[-1], **facts})
     return out
 
 
@@ -519,13 +614,15 @@ def _hf_model(spec: dict):
     from transformers import Qwen2ForCausalLM
 
     torch.set_num_threads(spec["threads"])
+    spec["page_cache_at_load"] = page_cache(spec["model_dir"])  # recorded by _hf_info
     # The attention implementation a user gets by default (sdpa); recorded with the results.
     model = Qwen2ForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["torch_dtype"]))
     return torch, model.eval()
 
 
-def _hf_info(torch, model) -> dict:
-    return {"attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads()}
+def _hf_info(torch, model, spec: dict) -> dict:
+    return {"attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads(),
+            "page_cache_at_load": spec["page_cache_at_load"]}
 
 
 def work_hf_decode(spec: dict) -> list[dict]:
@@ -561,7 +658,7 @@ def work_hf_decode(spec: dict) -> list[dict]:
             return (n - 1) / (time.perf_counter() - start)
 
     run(min(4, n_new))  # warm-up
-    return [{"decode_steps": n_new - 1, **measure(lambda: run(n_new), spec, "decode", "tokens/s"), **_hf_info(torch, model)}]
+    return [{"decode_steps": n_new - 1, **measure(lambda: run(n_new), spec, "decode", "tokens/s"), **_hf_info(torch, model, spec)}]
 
 
 def work_hf_prefill(spec: dict) -> list[dict]:
@@ -577,12 +674,12 @@ def work_hf_prefill(spec: dict) -> list[dict]:
             return n / (time.perf_counter() - start)
 
     run(min(64, prompt.shape[1]))  # warm-up
-    return [{**measure(lambda: run(prompt.shape[1]), spec, "prefill", "tokens/s"), **_hf_info(torch, model)}]
+    return [{**measure(lambda: run(prompt.shape[1]), spec, "prefill", "tokens/s"), **_hf_info(torch, model, spec)}]
 
 
 WORKERS = {"bandwidth": work_bandwidth, "gemm": work_gemm, "qwen_decode": work_qwen_decode,
            "qwen_prefill": work_qwen_prefill, "profile": work_profile, "hf_decode": work_hf_decode,
-           "hf_prefill": work_hf_prefill}
+           "hf_prefill": work_hf_prefill, "ttft": work_ttft}
 
 
 def worker_main(spec: dict) -> None:
