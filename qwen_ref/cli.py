@@ -172,8 +172,9 @@ class LoadStats:
 
 def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, LoadStats]:
     started = time.perf_counter()
-    page_cache = page_cache_fraction(weight_files(Path(args.model)))
     model = load_model(args.model, get_backend(args.backend, args.kernels), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
+    # after load_model, which names a missing folder or file; it maps the weights without reading their pages
+    page_cache = page_cache_fraction(weight_files(Path(args.model)))
     if model.pager is not None and args.layer_major == "auto" and not args.quiet:
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
               "prompts run layer-major, each layer read once per prompt", file=sys.stderr)
