@@ -8,10 +8,10 @@ matrix is ever made. Each block of keys and values is read once per item and ser
 from cache (FlashAttention's tiling); a row at a time, a prefill chunk re-read the whole cache per
 query row and ran behind the NumPy twin's BLAS (benchmarks/KERNELS.md, attention). When there are
 too few items to keep every thread busy (decode, T = 1, with few kv heads) the keys are also split
-into ranges whose partial results are merged at the end (`_merge`, flash-decoding). With the blas
-GEMM (`gemm=`, chosen per host as for the projections by `choice.py`), prefill chunks take items of
-GEMM_ROWS rows whose two products per key block are OpenBLAS sgemm calls (`_attend_gemm`): a long
-prompt's attention then runs at the BLAS's speed, not the micro-kernel's (benchmarks/KERNELS.md, item_gemm).
+into ranges whose partial results are merged at the end (`_merge`, flash-decoding). With gemm="blas"
+(`choice.py`: wherever OpenBLAS is callable), prefill chunks take items of GEMM_ROWS rows whose two
+products per key block are OpenBLAS sgemm calls (`_attend_gemm`): a long prompt's attention then runs
+closer to the BLAS's speed than on the micro-kernel (benchmarks/KERNELS.md, item_gemm).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def _attend_gemm(q, k, v, S, m, l, acc, n_threads):
     """_attend with items of GEMM_ROWS rows, each computed by `item_gemm` (OpenBLAS's sgemm)."""
     T, G, hd, n_splits = acc.shape[1], acc.shape[2] // k.shape[0], acc.shape[3], acc.shape[0]
     n_items = _n_items(T, G, k.shape[0], n_splits, GEMM_ROWS)
-    for part in prange(min(n_threads, n_items)):
+    n_parts = min(n_threads, n_items)  # given by the caller: get_num_threads() here would defeat caching
+    for part in prange(n_parts):
         # one scratch per thread: queries [rows, hd], keys and values widened [keys, hd] (16-bit caches),
         # scores then weights [rows, keys], running m, l [rows] and acc [rows, hd]
         q_rows = np.empty((GEMM_ROWS, hd), dtype=np.float32)
@@ -134,7 +135,6 @@ def _attend_gemm(q, k, v, S, m, l, acc, n_threads):
         m_run = np.empty(GEMM_ROWS, dtype=np.float32)
         l_run = np.empty(GEMM_ROWS, dtype=np.float32)
         acc_run = np.empty((GEMM_ROWS, hd), dtype=np.float32)
-        n_parts = min(n_threads, n_items)
         for item in range(part * n_items // n_parts, (part + 1) * n_items // n_parts):
             j, split, r0, rows, lo, hi = _item(item, T, G, S, k.shape[0], n_splits, GEMM_ROWS)
             _reset(m_run, l_run, acc_run)

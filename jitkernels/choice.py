@@ -1,21 +1,16 @@
 """Which prefill GEMM runs on this host: forced by name, or measured once per CPU and cached.
 
 The products with T >= 4 rows of x have two kernels (`matmul.GEMMS`): Numba's tiled `_gemm` and
-widen-then-BLAS (`jitkernels.gemm_blas`). Which is faster depends on the CPU (and on the BLAS NumPy
-ships): on an AVX-512 Xeon OpenBLAS's sgemm was far ahead of Numba's code, on an AVX-512 EPYC (Zen 4)
-Numba's was ahead, on an AVX2 EPYC the two were close (benchmarks/hosts/*/prefill_paths.md). CPU
-features alone do not say which, so `auto` times both on a small layer of the Qwen1.5-0.5B
-shape, alternating, and keeps the blas GEMM only if it is clearly faster (`_MARGIN`). Other processes
-can sway it (on a 2-core host two busy readings said 0.82x and 1.11x where quiet ones said 0.89x), so
-a busy measurement waits for a quiet machine (`_QUIET_WAIT`) and is taken again; the other cores' use
-is kept with the result. It is written to a JSON file in the kernel cache folder (`jitkernels.cache`, whose name changes with the
-qwen-ref version, the kernel sources and NumPy), keyed by the CPU's model name, LLVM's name for it
-and the thread count, so each host measures once (about a second, after the kernels compile).
-
-Attention over prefill chunks is chosen apart: on sgemm tiles (`attention_items.item_gemm`) wherever
-OpenBLAS is callable, as its Numba micro-kernel ran far behind sgemm where the two GEMMs were close
-(benchmarks/KERNELS.md, item_gemm). `QWEN_REF_KERNELS` (or the command line's `--kernels`, which
-wins) forces one family for both, so that tests and benchmarks run every path on every host.
+widen-then-BLAS (`jitkernels.gemm_blas`). Which is faster depends on the CPU and NumPy's BLAS (see
+benchmarks/hosts/*/), so `auto` times both on a small layer of the Qwen1.5-0.5B shape, alternating,
+and keeps the blas GEMM only if it is clearly faster (`_MARGIN`). Other processes can sway that
+either way, so a busy measurement waits for a quiet machine (`_QUIET_WAIT`) and is taken again; the
+other cores' use is kept with the result, in a JSON file in the kernel cache folder (keyed by the
+qwen-ref version, kernel sources and NumPy) under the CPU's model name, LLVM's name for it and the
+thread count: each host measures once (about a second). Attention's prefill items are chosen apart:
+sgemm tiles (`attention_items.item_gemm`) wherever OpenBLAS is callable, as the micro-kernel ran far
+behind them (benchmarks/KERNELS.md, item_gemm; measured on one host kind so far). `QWEN_REF_KERNELS`
+(or `--kernels`, which wins) forces one family for both, so tests and benchmarks run every path.
 """
 
 from __future__ import annotations
@@ -55,7 +50,7 @@ _log = logging.getLogger(__package__)
 class GemmChoice:
     gemm: str  # matmul.GEMMS: "numba" or "blas", the projections' GEMM
     reason: str  # why, in a few words
-    attention: str = "numba"  # matmul.GEMMS: what attention's prefill items multiply with
+    attention: str  # matmul.GEMMS: what attention's prefill items multiply with
 
     @property
     def name(self) -> str:
@@ -79,7 +74,7 @@ def choose_gemm(requested: str = "auto") -> GemmChoice:
     if requested != "auto":
         return GemmChoice(KERNELS[requested], f"forced by {why}", KERNELS[requested])
     if not blas.available():
-        return GemmChoice("numba", blas.UNAVAILABLE)
+        return GemmChoice("numba", blas.UNAVAILABLE, "numba")
     if numba.config.DISABLE_JIT:  # plain Python kernels: timing them would take minutes and say nothing
         return GemmChoice("numba", "NUMBA_DISABLE_JIT is set: not measured", "blas")
     if CACHE_DIR is None:  # no folder to keep a measurement in: each process would compile both GEMMs

@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from jitkernels import blas
 from jitkernels.cache import CACHE
 from jitkernels.gemm_blas import linears_blas, swiglu_blas
 from jitkernels.microkernel import block_4x16
@@ -104,9 +105,11 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, gemm: str = "num
 
 
 def check_gemm(gemm: str) -> str:
-    """gemm itself if it names one of GEMMS; else a ValueError."""
+    """gemm itself if it names one of GEMMS that this process can run; else a ValueError."""
     if gemm not in GEMMS:
         raise ValueError(f"unknown GEMM {gemm!r} (choose from {', '.join(GEMMS)})")
+    if gemm == "blas" and not blas.available():
+        raise ValueError(f"the blas GEMM is unavailable: {blas.UNAVAILABLE}")
     return gemm
 
 

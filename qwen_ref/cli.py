@@ -225,7 +225,7 @@ def _timings(stats: GenerationStats, generated: int, load: LoadStats | None = No
     if load.page_cache is not None:
         # mapped weights are read on first touch: a cold checkpoint's reads from disk fall in the prompt's time
         line += f" | checkpoint {100 * load.page_cache:.0f}% in page cache at load" + (
-            " (the prompt's time includes reading the rest from disk)" if load.page_cache < 0.99 else "")
+            " (the prompt's time includes reading from disk the pages it touches)" if load.page_cache < 0.99 else "")
     return line
 
 

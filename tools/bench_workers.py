@@ -431,6 +431,7 @@ def work_ttft(spec: dict) -> list[dict]:
     """
     import re
     import subprocess
+    import tempfile
 
     vocab = json.loads((Path(spec["model_dir"]) / "config.json").read_text())["vocab_size"]
     tokens = ",".join(str(t) for t in _random_tokens(spec["prompt"], vocab))
@@ -442,11 +443,14 @@ def work_ttft(spec: dict) -> list[dict]:
     def first_token() -> tuple[float, dict]:
         """Seconds from launch to the first byte on stdout (the token's id, flushed as it comes), and the
         command's timings."""
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        proc.stdout.read(1)
-        seconds = time.perf_counter() - start
-        _, err = proc.communicate()
+        with tempfile.TemporaryFile("w+") as stderr:  # a file: a pipe read only at the end could fill and block
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            proc.stdout.read(1)
+            seconds = time.perf_counter() - start
+            proc.communicate()
+            stderr.seek(0)
+            err = stderr.read()
         if proc.returncode != 0:
             raise RuntimeError(f"qwen-ref generate exited with {proc.returncode}: {err[-2000:]}")
         found = {k: re.search(pattern, err) for k, pattern in fields.items()}
