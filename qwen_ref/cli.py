@@ -236,7 +236,8 @@ def _process_age() -> float | None:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return age if age >= 0 else None  # a container's own uptime (lxcfs) against the host's start ticks: unknown
 
 
 def _run_logits(args: argparse.Namespace) -> int:
