@@ -122,7 +122,8 @@ def _attend(q, k, v, S, m, l, acc, n_threads):
 @njit(parallel=True, fastmath=_FASTMATH, cache=CACHE)
 def _attend_gemm(q, k, v, S, m, l, acc, n_threads):
     """_attend with items of GEMM_ROWS rows, each computed by `item_gemm` (OpenBLAS's sgemm)."""
-    T, G, hd, n_splits = acc.shape[1], acc.shape[2] // k.shape[0], acc.shape[3], acc.shape[0]
+    n_splits, T, H, hd = acc.shape
+    G = H // k.shape[0]
     n_items = _n_items(T, G, k.shape[0], n_splits, GEMM_ROWS)
     n_parts = min(n_threads, n_items)  # given by the caller: get_num_threads() here would defeat caching
     for part in prange(n_parts):
@@ -169,6 +170,7 @@ def _item(item, T, G, S, Hkv, n_splits, item_rows):
 
 @njit(cache=CACHE)
 def _reset(m_run, l_run, acc_run):
+    """An item's running state before its first key: m = -inf, l = 0, acc = 0."""
     m_run[:] = -np.inf
     l_run[:] = 0.0
     acc_run[:] = 0.0

@@ -170,18 +170,16 @@ class LoadStats:
     page_cache: float | None  # fraction of the checkpoint in the page cache before loading (None: unknown)
 
 
-def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, LoadStats]:
+def _load(args: argparse.Namespace) -> tuple[QwenModel, Tokenizer | None, float]:
     started = time.perf_counter()
     model = load_model(args.model, get_backend(args.backend, args.kernels), kv_dtype=args.kv_dtype, layer_major=layer_major(args))
-    # after load_model, which names a missing folder or file; it maps the weights without reading their pages
-    page_cache = page_cache_fraction(weight_files(Path(args.model)))
     if model.pager is not None and args.layer_major == "auto" and not args.quiet:
         print(f"weights of {model.weight_bytes() / 1e9:.1f} GB do not fit in available memory: "
               "prompts run layer-major, each layer read once per prompt", file=sys.stderr)
     if getattr(args, "profile", None) is not None:
         model.recorder = args.profile
     tokenizer = Tokenizer.from_model_dir(args.model)
-    return model, tokenizer, LoadStats(time.perf_counter() - started, page_cache)
+    return model, tokenizer, time.perf_counter() - started
 
 
 def _prompt_tokens(args: argparse.Namespace, model: QwenModel, tokenizer: Tokenizer | None) -> list[int]:
@@ -302,7 +300,9 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer, load = _load(args)
+    model, tokenizer, load_seconds = _load(args)
+    # after the load, which names a missing folder or file and maps the weights without reading their pages
+    load = LoadStats(load_seconds, page_cache_fraction(weight_files(Path(args.model))))
     prompt = _prompt_tokens(args, model, tokenizer)
     params, eos = _sampling_params(args, args.model, model)
     if args.stop and tokenizer is None:

@@ -43,7 +43,7 @@ from qwen_ref.options import (
     layer_major,
 )
 from qwen_ref.perplexity import SCORE_CHUNK, target_log_probs
-from qwen_ref.prompt import json_object
+from qwen_ref.prompt import json_object, read_text
 from qwen_ref.tokenizer import Tokenizer
 
 
@@ -239,13 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        raw = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QwenRefError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QwenRefError(f"{path}: unreadable ({exc})") from None
-    lines = [(i + 1, text) for i, text in enumerate(raw.splitlines()) if text.strip()]
+    lines = [(i + 1, text) for i, text in enumerate(read_text(path).splitlines()) if text.strip()]
     if not lines:
         raise QwenRefError(f"{path} has no lines")
     return lines

@@ -102,3 +102,15 @@ def with_tokenizer(model_dir: Path, dest: Path) -> Path:
     (dest / "tokenizer.json").write_bytes(lzma.decompress((TOKENIZER_DIR / "tokenizer.json.xz").read_bytes()))
     shutil.copyfile(TOKENIZER_DIR / "tokenizer_config.json", dest / "tokenizer_config.json")
     return dest
+
+
+# Plain English with numbers, punctuation and non-ASCII words (148 Qwen tokens): for perplexity and scoring.
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. Perplexity is the exponentiated average negative "
+    "log-likelihood of a sequence; a model that assigns high probability to every next token has low "
+    "perplexity. With a strided sliding window each token is predicted with as much context as the "
+    "window allows, and no token is scored twice. Qwen uses a byte-level BPE tokenizer with a vocabulary "
+    "of about 151 thousand entries, so this paragraph of plain English becomes a couple of hundred ids.\n"
+    "Numbers like 3.14159 and 2026, punctuation (brackets, commas; semicolons!) and café, naïve, 日本語 "
+    "exercise the byte fallback of the tokenizer as well."
+)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import TESTS
+from helpers import PROSE, TESTS
 
 import qwen_ref
 from qwen_ref.cli import main
@@ -28,15 +28,7 @@ from lm_eval.api.registry import get_model
 from qwen_ref.lm_eval_model import QwenRefLM
 
 TASK_DIR = TESTS / "data" / "lm_eval_task"
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Perplexity is the exponentiated average negative "
-    "log-likelihood of a sequence; a model that assigns high probability to every next token has low "
-    "perplexity. With a strided sliding window each token is predicted with as much context as the "
-    "window allows, and no token is scored twice. Qwen uses a byte-level BPE tokenizer with a vocabulary "
-    "of about 151 thousand entries, so this paragraph of plain English becomes a couple of hundred ids.\n"
-    "Numbers like 3.14159 and 2026, punctuation (brackets, commas; semicolons!) and café, naïve, 日本語 "
-    "exercise the byte fallback of the tokenizer as well."
-)  # 148 tokens, as in test_perplexity
+TEXT = PROSE  # 148 Qwen tokens
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, with_tokenizer
+from helpers import FIXTURES, PROSE, with_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,16 +17,7 @@ from qwen_ref.model import load_model
 from qwen_ref.perplexity import perplexity, sliding_windows, target_log_probs
 from qwen_ref.tokenizer import Tokenizer
 
-# 148 Qwen tokens: several windows at the small --ctx values below.
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Perplexity is the exponentiated average negative "
-    "log-likelihood of a sequence; a model that assigns high probability to every next token has low "
-    "perplexity. With a strided sliding window each token is predicted with as much context as the "
-    "window allows, and no token is scored twice. Qwen uses a byte-level BPE tokenizer with a vocabulary "
-    "of about 151 thousand entries, so this paragraph of plain English becomes a couple of hundred ids.\n"
-    "Numbers like 3.14159 and 2026, punctuation (brackets, commas; semicolons!) and café, naïve, 日本語 "
-    "exercise the byte fallback of the tokenizer as well."
-)
+TEXT = PROSE  # 148 Qwen tokens: several windows at the small --ctx values below
 # transformers and qwen-ref both sum in float32 but in different orders; per-token log-probs of a
 # random model agree to ~1e-6 relative, so the perplexity (exp of their mean) agrees far inside 1e-4.
 PPL_RTOL = 1e-4
