@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -275,30 +276,43 @@ def test_a_two_worker_cluster_writes_the_local_runs_bytes(suite, tmp_path):
     assert files_of(tmp_path / "cl") == files_of(suite_dir)
 
 
-def test_a_killed_run_resumes_and_writes_the_same_files(text_model, tmp_path):
-    rng = np.random.default_rng(0)
-    # 10 cases of 80 tokens: ~0.2 s each to compute and compact, so the kill lands mid-suite
+def _kill_suite_make_midway(text_model, tmp_path, n_cases: int, seed: int, *options: str,
+                            watch: Callable[[int], None] = lambda pid: None) -> tuple[Path, Path, Path, int]:
+    """A whole `suite make` of n_cases prompts of 80 tokens, then the same run SIGKILLed once 3 case files
+    exist (`watch` sees its pid at every poll); returns (prompts, whole, killed, cases done)."""
+    rng = np.random.default_rng(seed)
     prompts = write_jsonl(tmp_path / "p.jsonl",
-                          [{"id": f"c{i}", "tokens": rng.integers(0, 151643, 80).tolist()} for i in range(10)])
+                          [{"id": f"c{i}", "tokens": rng.integers(0, 151643, 80).tolist()} for i in range(n_cases)])
     whole = tmp_path / "whole"
     assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(whole), "--quiet"]) == 0
 
     killed = tmp_path / "killed"
     env = os.environ | {"PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "qwen_ref", "suite", "make", "--model", str(text_model),
-                             str(prompts), "--out", str(killed), "--quiet"], env=env)
+                             str(prompts), "--out", str(killed), *options, "--quiet"], env=env)
     deadline = time.monotonic() + 120
     while len(list(killed.glob("case-*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        watch(proc.pid)
         time.sleep(0.01)
+    watch(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(killed.glob("case-*.npz")))
-    assert 3 <= done < 10, f"the kill should land mid-suite, {done} of 10 cases were done"
+    assert 3 <= done < n_cases, f"the kill should land mid-suite, {done} of {n_cases} cases were done"
+    return prompts, whole, killed, done
 
+
+def _resume_gives_the_whole_runs_files(text_model, prompts: Path, whole: Path, killed: Path, done: int, n_cases: int):
     result = qwen_ref("suite", "make", "--model", text_model, prompts, "--out", killed)
     assert result.returncode == 0, result.stderr
-    assert f"resuming: {done} of 10 cases already" in result.stderr
+    assert f"resuming: {done} of {n_cases} cases already" in result.stderr
     assert {k: v for k, v in files_of(killed).items() if not k.startswith(".")} == files_of(whole)
+
+
+def test_a_killed_run_resumes_and_writes_the_same_files(text_model, tmp_path):
+    # 10 cases: ~0.2 s each to compute and compact, so the kill lands mid-suite
+    prompts, whole, killed, done = _kill_suite_make_midway(text_model, tmp_path, 10, 0)
+    _resume_gives_the_whole_runs_files(text_model, prompts, whole, killed, done, 10)
 
 
 def test_kl_is_reference_to_other_over_top_k_and_a_tail_bucket():
@@ -430,27 +444,10 @@ def test_a_killed_cluster_run_leaves_no_workers_and_resumes_to_the_local_runs_by
     if os.environ.get("QWEN_REF_REQUIRE_CLUSTER") != "1":
         pytest.importorskip("distributed")
     psutil = pytest.importorskip("psutil")
-    rng = np.random.default_rng(1)
-    # 16 cases of 80 tokens, two at a time on two workers: the kill lands mid-suite
-    prompts = write_jsonl(tmp_path / "p.jsonl",
-                          [{"id": f"c{i}", "tokens": rng.integers(0, 151643, 80).tolist()} for i in range(16)])
-    whole = tmp_path / "whole"
-    assert cli.main(["suite", "make", "--model", str(text_model), str(prompts), "--out", str(whole), "--quiet"]) == 0
-
-    killed = tmp_path / "killed"
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_ref", "suite", "make", "--model", str(text_model),
-                             str(prompts), "--out", str(killed), "--workers", "2", "--quiet"], env=env)
-    workers: set[int] = set()
-    deadline = time.monotonic() + 60
-    while len(list(killed.glob("case-*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        workers |= set(_descendants(proc.pid))  # the nannies and workers, seen while they run
-        time.sleep(0.01)
-    workers |= set(_descendants(proc.pid))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(killed.glob("case-*.npz")))
-    assert 3 <= done < 16, f"the kill should land mid-suite, {done} of 16 cases were done"
+    workers: set[int] = set()  # the nannies and workers, seen while they run
+    # 16 cases, two at a time on two workers: the kill lands mid-suite
+    prompts, whole, killed, done = _kill_suite_make_midway(text_model, tmp_path, 16, 1, "--workers", "2",
+                                                           watch=lambda pid: workers.update(_descendants(pid)))
     assert workers, "the driver started no worker processes"
 
     def alive(pid: int) -> bool:
@@ -466,8 +463,4 @@ def test_a_killed_cluster_run_leaves_no_workers_and_resumes_to_the_local_runs_by
     for pid in left:  # do not leak them into the rest of the session, whatever the assertion says
         psutil.Process(pid).kill()
     assert not left, f"{len(left)} of the cluster's {len(workers)} processes outlived the killed driver"
-
-    result = qwen_ref("suite", "make", "--model", text_model, prompts, "--out", killed)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming: {done} of 16 cases already" in result.stderr
-    assert {k: v for k, v in files_of(killed).items() if not k.startswith(".")} == files_of(whole)
+    _resume_gives_the_whole_runs_files(text_model, prompts, whole, killed, done, 16)
